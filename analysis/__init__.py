@@ -1,0 +1,3 @@
+"""routelab analysis: load and specialisation metrics, recording, plots and the CLI."""
+
+__all__: list[str] = []

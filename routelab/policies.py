@@ -1,0 +1,152 @@
+"""Policies: ``Routing -> Routing`` transforms that compose with any router.
+
+A policy is an ``nn.Module`` (it may hold state, e.g. running loads) whose
+``forward(routing)`` returns a new Routing over the same tokens and experts.
+``MoE(router, experts, policies=[...])`` applies them in order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from routelab.routing import Routing, capacity_from_factor
+
+__all__ = ["CapacityPolicy", "Policy"]
+
+
+class Policy(nn.Module):
+    """Base class: ``forward(routing: Routing) -> Routing``."""
+
+    def forward(self, routing: Routing) -> Routing:
+        raise NotImplementedError
+
+    @staticmethod
+    def check_routing_arg(routing: object) -> Routing:
+        if not isinstance(routing, Routing):
+            raise TypeError(f"routing must be a routelab.Routing, got {type(routing).__name__}")
+        return routing
+
+
+class CapacityPolicy(Policy):
+    """Limit every expert to a capacity C; drop the overflow (Switch / GShard).
+
+    Capacity is either absolute (``capacity=C``) or a factor
+    ``C = ceil(capacity_factor * N / E)`` with N the number of entries (T*k for a top-k
+    gate), as in Fedus et al. 2021 (Switch Transformers) and Lepikhin et al. 2020
+    (GShard). Which entries an over-full expert keeps:
+
+    - ``drop_order="position"``: in token order (earlier tokens first; entries of one
+      token in their routing order), as in Switch/GShard.
+    - ``drop_order="score"``: by descending combine weight (batch-prioritised routing,
+      Riquelme et al. 2021): confident entries are kept, ties broken by position.
+
+    The kept entries keep their weights (a dropped token passes through the residual).
+    The result records ``dropped`` (the removed entries, as a Routing) and ``capacity``.
+    """
+
+    DROP_ORDERS = ("position", "score")
+
+    def __init__(
+        self,
+        capacity_factor: float | None = None,
+        *,
+        capacity: int | None = None,
+        drop_order: str = "position",
+        min_capacity: int = 0,
+    ) -> None:
+        super().__init__()
+        if (capacity_factor is None) == (capacity is None):
+            raise ValueError(
+                "give exactly one of capacity_factor and capacity, got "
+                f"capacity_factor={capacity_factor!r}, capacity={capacity!r}"
+            )
+        if capacity_factor is not None and (
+            isinstance(capacity_factor, bool)
+            or not isinstance(capacity_factor, (int, float))
+            or not capacity_factor > 0
+        ):
+            raise ValueError(f"capacity_factor must be a number > 0, got {capacity_factor!r}")
+        if capacity is not None and (
+            isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0
+        ):
+            raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+        if drop_order not in self.DROP_ORDERS:
+            raise ValueError(f"drop_order must be one of {self.DROP_ORDERS}, got {drop_order!r}")
+        if isinstance(min_capacity, bool) or not isinstance(min_capacity, int) or min_capacity < 0:
+            raise ValueError(f"min_capacity must be an int >= 0, got {min_capacity!r}")
+        self.capacity_factor = capacity_factor
+        self.capacity = capacity
+        self.drop_order = drop_order
+        self.min_capacity = min_capacity
+
+    def capacity_for(self, routing: Routing) -> int:
+        """The capacity C this policy enforces on ``routing``."""
+        if self.capacity is not None:
+            return self.capacity
+        assert self.capacity_factor is not None
+        factor_cap = capacity_from_factor(
+            self.capacity_factor, routing.num_entries, routing.num_experts
+        )
+        return max(factor_cap, self.min_capacity)
+
+    def priority_order(self, routing: Routing) -> Tensor:
+        """int64 ``[N]``: entry indices, most deserving of a slot first."""
+        if self.drop_order == "score":
+            return torch.argsort(routing.weight.detach(), descending=True, stable=True)
+        return torch.argsort(routing.token, stable=True)
+
+    def forward(self, routing: Routing) -> Routing:
+        routing = self.check_routing_arg(routing)
+        capacity = self.capacity_for(routing)
+        keep = keep_within_capacity(
+            routing.expert, self.priority_order(routing), routing.num_experts, capacity
+        )
+        kept = routing.select(keep)
+        dropped = routing.select(~keep)
+        dropped.dropped, dropped.capacity = None, None
+        if routing.dropped is not None:  # accumulate over stacked capacity policies
+            dropped = _concat_entries(routing.dropped, dropped)
+        kept.dropped, kept.capacity = dropped, capacity
+        return kept
+
+    def extra_repr(self) -> str:
+        size = (
+            f"capacity={self.capacity}"
+            if self.capacity is not None
+            else f"capacity_factor={self.capacity_factor}"
+        )
+        return f"{size}, drop_order={self.drop_order!r}"
+
+
+def keep_within_capacity(
+    expert: Tensor, priority: Tensor, num_experts: int, capacity: int | Tensor
+) -> Tensor:
+    """bool ``[N]``: which entries fit when each expert takes its first ``capacity`` entries.
+
+    ``expert int64 [N]``; ``priority int64 [N]`` lists entry indices best first;
+    ``capacity`` an int or int64 ``[E]``. Vectorised: sort by (expert, priority rank) and
+    keep each entry whose rank inside its expert's segment is below the capacity.
+    """
+    n = expert.shape[0]
+    by_expert = priority[torch.argsort(expert[priority], stable=True)]
+    counts = torch.bincount(expert, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_expert = expert[by_expert]
+    rank_in_expert = torch.arange(n, device=expert.device) - starts[sorted_expert]
+    cap = torch.as_tensor(capacity, device=expert.device)
+    limit = cap if cap.dim() == 0 else cap[sorted_expert]
+    keep = torch.zeros(n, dtype=torch.bool, device=expert.device)
+    keep[by_expert] = rank_in_expert < limit
+    return keep
+
+
+def _concat_entries(first: Routing, second: Routing) -> Routing:
+    """The entries of two Routings over the same T and E, one after the other."""
+    return Routing(
+        token=torch.cat([first.token, second.token]),
+        expert=torch.cat([first.expert, second.expert]),
+        weight=torch.cat([first.weight, second.weight]),
+        num_tokens=first.num_tokens,
+        num_experts=first.num_experts,
+    )

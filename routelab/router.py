@@ -1,0 +1,119 @@
+"""The base class of every router, and the input checks they share."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from routelab.routing import Routing, _require_int
+
+__all__ = ["Router", "check_router_input", "set_validation", "validation", "validation_enabled"]
+
+_VALIDATION = {"enabled": True}
+
+
+def validation_enabled() -> bool:
+    """Whether the checks that need a host sync (non-finite inputs) are on."""
+    return _VALIDATION["enabled"]
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn the host-syncing input checks on or off globally (on by default)."""
+    _VALIDATION["enabled"] = bool(enabled)
+
+
+@contextlib.contextmanager
+def validation(enabled: bool) -> Iterator[None]:
+    """Context manager: ``with routelab.validation(False): ...`` for the fastest path."""
+    previous = _VALIDATION["enabled"]
+    _VALIDATION["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _VALIDATION["enabled"] = previous
+
+
+def check_router_input(
+    x: object, d_model: int, token_ids: object = None, *, need_token_ids: bool = False
+) -> None:
+    """Validate a router's ``x [T, d]`` and ``token_ids int64 [T]``; raise a clear error."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, d_model] = [T, {d_model}], got shape {tuple(x.shape)}")
+    if x.shape[1] != d_model:
+        raise ValueError(f"x has last dimension {x.shape[1]}, expected d_model = {d_model}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+    if token_ids is None:
+        if need_token_ids:
+            raise ValueError(
+                "token_ids is required by this router (it routes by token id); "
+                "pass token_ids=int64 [T] to forward / MoE"
+            )
+    else:
+        if not isinstance(token_ids, Tensor):
+            raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
+        if token_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token_ids must be an integer tensor (int64), got {token_ids.dtype}")
+        if tuple(token_ids.shape) != (x.shape[0],):
+            raise ValueError(
+                f"token_ids must have shape [T] = [{x.shape[0]}], got {tuple(token_ids.shape)}"
+            )
+        if token_ids.device != x.device:
+            raise ValueError(f"token_ids is on {token_ids.device} but x is on {x.device}")
+    if validation_enabled() and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf (disable with routelab.validation(False))")
+
+
+class Router(nn.Module):
+    """Base class of every router: ``forward(x [T, d], token_ids [T] | None) -> Routing``.
+
+    Subclasses implement :meth:`route` and get input validation for free. Class flags
+    tell the test kit and the MoE layer what to expect:
+
+    - ``differentiable``: gradients reach the router's parameters through the routing
+      weights or aux losses (False for hash routers).
+    - ``requires_token_ids``: the router routes by token id (hash routers).
+    - ``stochastic_in_training``: training-mode routing draws random numbers (noise,
+      jitter); seeded runs must still repeat exactly.
+    """
+
+    differentiable: ClassVar[bool] = True
+    requires_token_ids: ClassVar[bool] = False
+    stochastic_in_training: ClassVar[bool] = False
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__()
+        self.d_model = _require_int("d_model", d_model, 1)
+        self.num_experts = _require_int("num_experts", num_experts, 1)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        check_router_input(x, self.d_model, token_ids, need_token_ids=self.requires_token_ids)
+        if token_ids is not None:
+            token_ids = token_ids.long()
+        return self.route(x, token_ids)
+
+    def route(self, x: Tensor, token_ids: Tensor | None) -> Routing:
+        """Compute the routing for validated input ``x [T, d]``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_experts={self.num_experts}"
+
+
+def upcast_half(t: Tensor) -> Tensor:
+    """Router arithmetic in at least fp32: half-precision logits are upcast, fp64 is kept."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def check_k(k: object, num_experts: int) -> int:
+    """Validate the number of experts per token: ``1 <= k <= num_experts``."""
+    k = _require_int("k", k, 1)
+    if k > num_experts:
+        raise ValueError(f"k must be <= num_experts = {num_experts}, got k = {k}")
+    return k

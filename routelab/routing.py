@@ -1,0 +1,351 @@
+"""The one data type that flows through routelab: a sparse token-to-expert assignment.
+
+Every router, differentiable or combinatorial, returns a :class:`Routing` in
+coordinate (COO) form: entry ``n`` sends token ``token[n]`` to expert
+``expert[n]`` with combine weight ``weight[n]``. Top-k gates give N = T*k
+entries, dense softmax N = T*E, expert choice E*c, BASE and hashing N = T.
+Policies map a Routing to a Routing; experts execute any Routing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+__all__ = ["Routing"]
+
+
+def _require_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(eq=False)
+class Routing:
+    """A sparse token-to-expert assignment in COO form.
+
+    Fields:
+        token: int64 ``[N]``, token index in the flattened batch, ``0 <= token < num_tokens``.
+        expert: int64 ``[N]``, expert id, ``0 <= expert < num_experts``.
+        weight: float ``[N]``, combine weight; carries the gradient back into the router.
+        num_tokens: T.
+        num_experts: E.
+        probs: float ``[T, E]`` or None, the router's full distribution where it has one.
+        aux: named scalar losses, already multiplied by their coefficients.
+        dropped: the entries a capacity policy removed (a Routing over the same T and E),
+            or None where no capacity policy ran.
+        capacity: the per-expert capacity the last capacity policy enforced, or None.
+
+    Construction checks shapes, dtypes and devices (cheap, no host sync). The value
+    invariants (ids in range, no duplicate pair, finite non-negative weights) are
+    checked by :meth:`validate`.
+    """
+
+    token: Tensor
+    expert: Tensor
+    weight: Tensor
+    num_tokens: int
+    num_experts: int
+    probs: Tensor | None = None
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    dropped: Routing | None = None
+    capacity: int | None = None
+
+    def __post_init__(self) -> None:
+        _require_int("num_tokens", self.num_tokens, 0)
+        _require_int("num_experts", self.num_experts, 1)
+        for name in ("token", "expert", "weight"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+            if value.dim() != 1:
+                raise ValueError(f"{name} must be 1-D [N], got shape {tuple(value.shape)}")
+        for name in ("token", "expert"):
+            if getattr(self, name).dtype != torch.int64:
+                raise TypeError(f"{name} must be int64, got {getattr(self, name).dtype}")
+        if not self.weight.is_floating_point():
+            raise TypeError(f"weight must be a floating tensor, got {self.weight.dtype}")
+        n = self.token.shape[0]
+        if self.expert.shape[0] != n or self.weight.shape[0] != n:
+            raise ValueError(
+                "token, expert and weight must have the same length N, got "
+                f"{n}, {self.expert.shape[0]}, {self.weight.shape[0]}"
+            )
+        device = self.token.device
+        for name in ("expert", "weight"):
+            if getattr(self, name).device != device:
+                raise ValueError(
+                    f"{name} is on {getattr(self, name).device} but token is on {device}"
+                )
+        if self.probs is not None:
+            if not isinstance(self.probs, Tensor):
+                raise TypeError(f"probs must be a Tensor or None, got {type(self.probs).__name__}")
+            if tuple(self.probs.shape) != (self.num_tokens, self.num_experts):
+                raise ValueError(
+                    f"probs must have shape [T, E] = [{self.num_tokens}, {self.num_experts}], "
+                    f"got {tuple(self.probs.shape)}"
+                )
+        if not isinstance(self.aux, dict):
+            raise TypeError(f"aux must be a dict[str, Tensor], got {type(self.aux).__name__}")
+        for key, value in self.aux.items():
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise ValueError(f"aux[{key!r}] must be a scalar tensor, got {value!r}")
+        if self.dropped is not None and (
+            self.dropped.num_tokens != self.num_tokens
+            or self.dropped.num_experts != self.num_experts
+        ):
+            raise ValueError("dropped must be a Routing over the same num_tokens and num_experts")
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_topk(
+        cls,
+        indices: Tensor,
+        weights: Tensor,
+        num_experts: int,
+        *,
+        probs: Tensor | None = None,
+        aux: dict[str, Tensor] | None = None,
+    ) -> Routing:
+        """Build from top-k tensors: ``indices`` int ``[T, k]``, ``weights`` float ``[T, k]``.
+
+        Entries are laid out token-major: entry ``t * k + j`` is token t's j-th choice.
+        """
+        if indices.dim() != 2 or weights.shape != indices.shape:
+            raise ValueError(
+                "indices and weights must both be [T, k], got "
+                f"{tuple(indices.shape)} and {tuple(weights.shape)}"
+            )
+        num_tokens, k = indices.shape
+        token = torch.arange(num_tokens, device=indices.device).repeat_interleave(k)
+        return cls(
+            token=token,
+            expert=indices.reshape(-1).long(),
+            weight=weights.reshape(-1),
+            num_tokens=num_tokens,
+            num_experts=num_experts,
+            probs=probs,
+            aux=dict(aux or {}),
+        )
+
+    @classmethod
+    def from_dense(
+        cls,
+        combine: Tensor,
+        *,
+        probs: Tensor | None = None,
+        aux: dict[str, Tensor] | None = None,
+        keep_zeros: bool = False,
+    ) -> Routing:
+        """Build from a dense combine matrix ``combine [T, E]``.
+
+        Only the non-zero entries are kept unless ``keep_zeros`` (dense softmax keeps all
+        T*E entries even where a weight underflows to zero). Weights stay differentiable.
+        """
+        if combine.dim() != 2:
+            raise ValueError(f"combine must be [T, E], got shape {tuple(combine.shape)}")
+        num_tokens, num_experts = combine.shape
+        if keep_zeros:
+            token = torch.arange(num_tokens, device=combine.device).repeat_interleave(num_experts)
+            expert = torch.arange(num_experts, device=combine.device).repeat(num_tokens)
+        else:
+            token, expert = torch.nonzero(combine, as_tuple=True)
+        return cls(
+            token=token,
+            expert=expert,
+            weight=combine[token, expert],
+            num_tokens=num_tokens,
+            num_experts=num_experts,
+            probs=probs,
+            aux=dict(aux or {}),
+        )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_entries(self) -> int:
+        """N, the number of (token, expert) entries."""
+        return int(self.token.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.token.device
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Sum of the auxiliary losses in ``aux``; a zero scalar when there are none."""
+        if not self.aux:
+            return self.weight.new_zeros(())
+        return torch.stack([v.reshape(()) for v in self.aux.values()]).sum()
+
+    def load(self) -> Tensor:
+        """int64 ``[E]``: the number of entries each expert received."""
+        return torch.bincount(self.expert, minlength=self.num_experts)
+
+    def entries_per_token(self) -> Tensor:
+        """int64 ``[T]``: the number of experts each token was sent to."""
+        return torch.bincount(self.token, minlength=self.num_tokens)
+
+    def to_dense(self) -> Tensor:
+        """The combine matrix ``[T, E]`` (differentiable in ``weight``)."""
+        flat = self.token * self.num_experts + self.expert
+        dense = self.weight.new_zeros(self.num_tokens * self.num_experts)
+        dense = dense.index_add(0, flat, self.weight)
+        return dense.view(self.num_tokens, self.num_experts)
+
+    def select(self, keep: Tensor) -> Routing:
+        """A Routing with the entries where the bool ``keep [N]`` holds (or at int indices)."""
+        return replace(
+            self,
+            token=self.token[keep],
+            expert=self.expert[keep],
+            weight=self.weight[keep],
+        )
+
+    def with_weight(self, weight: Tensor) -> Routing:
+        """The same entries with new combine weights ``[N]``."""
+        return replace(self, weight=weight)
+
+    def to(self, device: torch.device | str) -> Routing:
+        return replace(
+            self,
+            token=self.token.to(device),
+            expert=self.expert.to(device),
+            weight=self.weight.to(device),
+            probs=None if self.probs is None else self.probs.to(device),
+            aux={k: v.to(device) for k, v in self.aux.items()},
+            dropped=None if self.dropped is None else self.dropped.to(device),
+        )
+
+    def detach(self) -> Routing:
+        return replace(
+            self,
+            weight=self.weight.detach(),
+            probs=None if self.probs is None else self.probs.detach(),
+            aux={k: v.detach() for k, v in self.aux.items()},
+            dropped=None if self.dropped is None else self.dropped.detach(),
+        )
+
+    # ------------------------------------------------------------------ invariants
+    def validate(
+        self,
+        *,
+        k: int | None = None,
+        capacity: int | Tensor | None = None,
+        balanced: bool | Tensor | None = None,
+        atol: float = 1e-5,
+    ) -> Routing:
+        """Check every invariant; raise ValueError naming the one that failed.
+
+        Always checked: ids in range, no duplicate (token, expert) pair, weights finite
+        and >= 0, probs finite where present, aux finite. Optional expectations:
+
+        - ``k``: every token has exactly k entries whose weights sum to 1 (a top-k gate
+          before any capacity policy).
+        - ``capacity``: no expert holds more than ``capacity`` entries (int or int ``[E]``).
+        - ``balanced``: ``True`` means an even split (loads differ by at most one and every
+          token has exactly one entry); an int tensor ``[E]`` is the exact quota per expert.
+
+        Returns ``self`` so it can be chained.
+        """
+        T, E = self.num_tokens, self.num_experts
+        if self.num_entries:
+            if int(self.token.min()) < 0 or int(self.token.max()) >= T:
+                raise ValueError(
+                    f"token ids out of range [0, {T}): min {int(self.token.min())}, "
+                    f"max {int(self.token.max())}"
+                )
+            if int(self.expert.min()) < 0 or int(self.expert.max()) >= E:
+                raise ValueError(
+                    f"expert ids out of range [0, {E}): min {int(self.expert.min())}, "
+                    f"max {int(self.expert.max())}"
+                )
+            pairs = self.token * E + self.expert
+            if torch.unique(pairs).numel() != self.num_entries:
+                raise ValueError("duplicate (token, expert) pairs in the routing")
+            w = self.weight.detach()
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError("routing weights must be finite (found NaN or inf)")
+            if bool((w < 0).any()):
+                raise ValueError(f"routing weights must be >= 0, min is {float(w.min())}")
+        if self.probs is not None and not bool(torch.isfinite(self.probs.detach()).all()):
+            raise ValueError("probs must be finite (found NaN or inf)")
+        for key, value in self.aux.items():
+            if not bool(torch.isfinite(value.detach()).all()):
+                raise ValueError(f"aux[{key!r}] is not finite: {value.item()}")
+        if k is not None:
+            self._check_top_k(k, atol)
+        if capacity is not None:
+            self._check_capacity(capacity)
+        if balanced is not None and balanced is not False:
+            self._check_balanced(balanced)
+        return self
+
+    def _check_top_k(self, k: int, atol: float) -> None:
+        per_token = self.entries_per_token()
+        if self.num_tokens and not bool((per_token == k).all()):
+            bad = int(torch.nonzero(per_token != k)[0, 0])
+            raise ValueError(
+                f"top-k invariant: every token must have exactly k={k} entries, "
+                f"token {bad} has {int(per_token[bad])}"
+            )
+        sums = torch.zeros(self.num_tokens, dtype=torch.float64, device=self.device)
+        sums = sums.index_add(0, self.token, self.weight.detach().double())
+        if self.num_tokens and not bool(torch.allclose(sums, torch.ones_like(sums), atol=atol)):
+            worst = float((sums - 1).abs().max())
+            raise ValueError(
+                f"top-k invariant: weights of each token must sum to 1 (worst |sum - 1| = {worst:.3g})"
+            )
+
+    def _check_capacity(self, capacity: int | Tensor) -> None:
+        load = self.load()
+        cap = torch.as_tensor(capacity, device=load.device)
+        over = load > cap
+        if bool(over.any()):
+            e = int(torch.nonzero(over)[0, 0])
+            limit = int(cap) if cap.dim() == 0 else int(cap[e])
+            raise ValueError(
+                f"capacity invariant: expert {e} holds {int(load[e])} entries, capacity is {limit}"
+            )
+
+    def _check_balanced(self, balanced: bool | Tensor) -> None:
+        load = self.load()
+        if balanced is True:
+            per_token = self.entries_per_token()
+            if self.num_tokens and not bool((per_token == 1).all()):
+                raise ValueError("balanced invariant: every token must have exactly one entry")
+            if self.num_tokens and int(load.max() - load.min()) > 1:
+                raise ValueError(
+                    f"balanced invariant: loads must differ by at most one, got {load.tolist()}"
+                )
+            return
+        quota = torch.as_tensor(balanced, device=load.device)
+        if quota.shape != load.shape or not bool((quota == load).all()):
+            raise ValueError(
+                f"balanced invariant: loads {load.tolist()} differ from the quota {quota.tolist()}"
+            )
+
+    def __repr__(self) -> str:
+        extra = ""
+        if self.dropped is not None:
+            extra = f", dropped={self.dropped.num_entries}, capacity={self.capacity}"
+        return (
+            f"Routing(T={self.num_tokens}, E={self.num_experts}, N={self.num_entries}, "
+            f"probs={'yes' if self.probs is not None else 'no'}, aux={sorted(self.aux)}{extra})"
+        )
+
+
+def even_quota(num_tokens: int, num_experts: int) -> list[int]:
+    """An even split of T tokens over E experts: sizes differ by at most one."""
+    base, extra = divmod(num_tokens, num_experts)
+    return [base + (1 if e < extra else 0) for e in range(num_experts)]
+
+
+def capacity_from_factor(factor: float, num_entries: int, num_experts: int) -> int:
+    """``ceil(factor * N / E)``, the Switch/GShard capacity for N = T*k entries."""
+    return math.ceil(factor * num_entries / num_experts)
