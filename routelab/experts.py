@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +59,8 @@ class ExpertDispatch:
         )
 
     def gather(self, x: Tensor) -> Tensor:
-        """``x [T, d] -> xs [N, d]``, the input rows in expert order."""
+        """``x [T, d] -> xs [N, d]``, the input rows in expert order (whole-buffer users:
+        grouped GEMM, all-to-all exchange)."""
         return x.index_select(0, self.token)
 
     def combine(self, ys: Tensor, num_tokens: int, dtype: torch.dtype) -> Tensor:
@@ -67,15 +68,41 @@ class ExpertDispatch:
 
         Half-precision outputs are accumulated in fp32 and cast back once.
         """
-        acc_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        acc_dtype = _accumulation_dtype(dtype)
         weighted = ys.to(acc_dtype) * self.weight.to(acc_dtype).unsqueeze(1)
         out = ys.new_zeros((num_tokens, ys.shape[1]), dtype=acc_dtype)
         return out.index_add(0, self.token, weighted).to(dtype)
 
-    def segments(self, xs: Tensor) -> list[tuple[int, Tensor]]:
-        """The non-empty expert segments of ``xs [N, d]`` as ``(expert, rows)`` views."""
-        pieces = torch.split(xs, self.counts)
-        return [(e, rows) for e, rows in enumerate(pieces) if rows.shape[0]]
+    def run_segments(
+        self,
+        x: Tensor,
+        expert_fn: Callable[[int, Tensor], Tensor],
+        d_out: int,
+    ) -> Tensor:
+        """The segment loop: ``y [T, d_out] = sum_n weight_n * expert_fn(expert_n, x[token_n])``.
+
+        Per non-empty expert e: gather its rows of ``x [T, d]``, run ``expert_fn(e, rows)``,
+        weight them and scatter-add them in place into ``y``. With no entry at all, expert
+        0 runs on zero rows so that ``y`` stays in the autograd graph.
+        """
+        acc_dtype = _accumulation_dtype(x.dtype)
+        out = x.new_zeros((x.shape[0], d_out), dtype=acc_dtype)
+        tokens = torch.split(self.token, self.counts)
+        weights = torch.split(self.weight, self.counts)
+        active = [e for e, n in enumerate(self.counts) if n] or [0]
+        for e in active:
+            rows = expert_fn(e, x.index_select(0, tokens[e]))
+            if rows.dim() != 2 or rows.shape[1] != d_out:
+                raise ValueError(
+                    f"expert {e} produced shape {tuple(rows.shape)}, expected [n, {d_out}]"
+                )
+            out.index_add_(0, tokens[e], rows.to(acc_dtype) * weights[e].to(acc_dtype)[:, None])
+        return out.to(x.dtype)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision outputs are accumulated in fp32 and cast back once."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class Experts(nn.Module):
@@ -153,9 +180,9 @@ class FFNExperts(Experts):
         d_hidden: h.
         activation: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"swiglu"``.
         bias: whether the two projections carry biases.
-        grouped_gemm: on CUDA with bf16, use ``torch._grouped_mm`` where torch provides it
-            (``"auto"``), never (False), or always where possible (True). The segment
-            loop is the reference path and the only one on CPU.
+        grouped_gemm: ``"auto"`` uses ``torch._grouped_mm`` on CUDA with bf16 where torch
+            provides it; ``True`` uses it on any device where torch has it (CPU included);
+            ``False`` never. The segment loop is the reference path and the CPU default.
     """
 
     def __init__(
@@ -248,32 +275,34 @@ class FFNExperts(Experts):
         self.check_call(x, routing)
         self._check_dtype(x)
         plan = ExpertDispatch.plan(routing)
-        xs = plan.gather(x)
-        if self._use_grouped_gemm(xs):
-            ys = self._grouped_forward(xs, plan)
-        else:
-            ys = self._segment_forward(xs, plan)
-        return plan.combine(ys, x.shape[0], x.dtype)
-
-    def _segment_forward(self, xs: Tensor, plan: ExpertDispatch) -> Tensor:
-        """The reference fast path: one FFN per contiguous expert segment of ``xs [N, d]``."""
+        if self._use_grouped_gemm(x, plan):
+            ys = self._grouped_forward(plan.gather(x), plan)
+            if ys is not None:
+                return plan.combine(ys, x.shape[0], x.dtype)
         params = self.per_expert_params()
-        outputs = [self.run_expert(params[e], rows) for e, rows in plan.segments(xs)]
-        if not outputs:  # N = 0: expert 0 on zero rows keeps the output in the graph
-            return self.run_expert(params[0], xs)
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return plan.run_segments(x, lambda e, rows: self.run_expert(params[e], rows), self.d_model)
 
-    def _use_grouped_gemm(self, xs: Tensor) -> bool:
-        if self.grouped_gemm is False or not xs.is_cuda or not hasattr(torch, "_grouped_mm"):
+    def _use_grouped_gemm(self, x: Tensor, plan: ExpertDispatch) -> bool:
+        """``"auto"``: CUDA, bf16, dims multiple of 16. ``True``: wherever torch has the
+        kernel (CPU included, which lets the tests check this path against the loop)."""
+        if self.grouped_gemm is False or not hasattr(torch, "_grouped_mm"):
             return False
-        if xs.dtype != torch.bfloat16 or self.d_model % 16 or self.d_hidden % 16:
+        if not plan.token.numel():
             return False
-        return xs.shape[0] > 0
+        if self.grouped_gemm is True:
+            return True
+        return (
+            x.is_cuda
+            and x.dtype == torch.bfloat16
+            and self.d_model % 16 == 0
+            and self.d_hidden % 16 == 0
+        )
 
-    def _grouped_forward(self, xs: Tensor, plan: ExpertDispatch) -> Tensor:
-        """CUDA fast path: ``torch._grouped_mm`` over the expert segments (bf16).
+    def _grouped_forward(self, xs: Tensor, plan: ExpertDispatch) -> Tensor | None:
+        """``xs [N, d] -> ys [N, d]`` with ``torch._grouped_mm`` over the expert segments.
 
-        Falls back to the segment loop, with one warning, if the kernel refuses the shapes.
+        Returns None (after one warning, and ``"auto"`` turns itself off) if the kernel
+        refuses the shapes; the caller then runs the segment loop.
         """
         offsets = torch.cumsum(torch.tensor(plan.counts, device=xs.device), 0).to(torch.int32)
         try:
@@ -286,15 +315,13 @@ class FFNExperts(Experts):
             else:
                 h = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[self.activation](h)
             ys = torch._grouped_mm(h, self.w_out, offs=offsets)
-            if self.b_out is not None:
-                ys = ys + self.b_out[plan.expert]
-            return ys
-        except RuntimeError as err:  # pragma: no cover - needs a CUDA device
+            return ys if self.b_out is None else ys + self.b_out[plan.expert]
+        except RuntimeError as err:
             if self.grouped_gemm is True:
                 raise
             warnings.warn(f"grouped GEMM unavailable ({err}); using the segment loop", stacklevel=3)
             self.grouped_gemm = False
-            return self._segment_forward(xs, plan)
+            return None
 
     def dense_forward(self, x: Tensor, routing: Routing) -> Tensor:
         """Reference: every expert on every token, masked by the dense combine matrix.
@@ -339,18 +366,12 @@ class ModuleExperts(Experts):
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         self.check_call(x, routing)
-        plan = ExpertDispatch.plan(routing)
-        xs = plan.gather(x)
-        # N = 0: expert 0 on zero rows keeps the output in the graph
-        outputs = [self.experts[e](rows) for e, rows in plan.segments(xs)] or [self.experts[0](xs)]
-        ys = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         d_out = self.d_out if self.d_out is not None else x.shape[1]
-        if ys.dim() != 2 or ys.shape[1] != d_out:
-            raise ValueError(
-                f"experts produced shape {tuple(ys.shape)}, expected [n, d_out = {d_out}]; "
-                "pass d_out= to ModuleExperts"
-            )
-        return plan.combine(ys, x.shape[0], x.dtype)
+        plan = ExpertDispatch.plan(routing)
+        try:
+            return plan.run_segments(x, lambda e, rows: self.experts[e](rows), d_out)
+        except ValueError as err:
+            raise ValueError(f"{err}; pass d_out= to ModuleExperts") from None
 
     def dense_forward(self, x: Tensor, routing: Routing) -> Tensor:
         """Reference: every expert on every token, masked by the dense combine matrix."""
