@@ -54,15 +54,17 @@ def router_inputs(
     min_tokens: int = 0,
     max_tokens: int = 40,
     vocab_size: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | tuple[torch.dtype, ...] = torch.float32,
     patterns: tuple[str, ...] = INPUT_PATTERNS,
 ) -> RouterInput:
     """Strategy for router inputs ``x [T, d]`` with T in ``[min_tokens, max_tokens]``.
 
     Patterns: ``gaussian``; ``ties`` (rows repeated, so scores tie); ``constant`` (every
     row the same); ``large`` (scale 1e3); ``tiny`` (scale 1e-6). With ``vocab_size`` also
-    draws ``token_ids`` in ``[0, vocab_size)``.
+    draws ``token_ids`` in ``[0, vocab_size)``. ``dtype``: one dtype, or a tuple to draw from.
     """
+    if isinstance(dtype, tuple):
+        dtype = draw(st.sampled_from(dtype))
     num_tokens = draw(st.integers(min_tokens, max_tokens))
     seed = draw(st.integers(0, 2**31 - 1))
     pattern = draw(st.sampled_from(patterns))

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 
+import routelab
 from routelab import Router, Routing
 from routelab.routers import TopKGate
 from routelab.testing import RouterContract, check_routing, router_inputs
@@ -113,6 +114,22 @@ def test_router_inputs_strategy_shapes(inp):
     assert inp.x.shape[1] == 5 and inp.x.shape[0] <= 9
     assert inp.token_ids.shape == (inp.x.shape[0],)
     assert all(0 <= i < 11 for i in inp.token_ids.tolist())
+
+
+@given(router_inputs(3, dtype=(torch.float16, torch.bfloat16, torch.float64)))
+def test_router_inputs_draws_dtypes(inp):
+    assert inp.x.dtype in (torch.float16, torch.bfloat16, torch.float64)
+
+
+def test_validation_toggle_skips_the_finite_check():
+    gate = TopKGate(4, 3)
+    x = torch.full((2, 4), float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        gate(x)
+    with routelab.validation(False):
+        assert not routelab.validation_enabled()
+        gate(x)  # no check, no error: the caller asked for the fast path
+    assert routelab.validation_enabled()
 
 
 def test_check_routing_checks_sizes():
