@@ -1,0 +1,163 @@
+"""DSelect-k: differentiable selection of k experts by binary encoding (Hazimeh et al. 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from routelab.losses import check_loss_weight
+from routelab.router import Router, check_k, upcast_half
+from routelab.routing import Routing
+
+__all__ = ["DSelectKGate", "selector_weights", "smooth_step"]
+
+# Entropy of a selector: -sum r log(r + eps), finite gradient at r = 0 (reference code).
+_ENTROPY_EPS = 1e-6
+
+
+def smooth_step(t: Tensor, gamma: float) -> Tensor:
+    """The cubic smooth step of DSelect-k (Hazimeh et al. 2021, eq. 3)::
+
+        S(t) = 0                                         t <= -gamma/2
+        S(t) = -2 t^3 / gamma^3 + 3 t / (2 gamma) + 1/2   -gamma/2 < t < gamma/2
+        S(t) = 1                                         t >= gamma/2
+
+    Continuously differentiable (S' = 0 at both ends), elementwise on any shape.
+    """
+    inner = -2.0 * t.pow(3) / gamma**3 + 1.5 * t / gamma + 0.5
+    half = gamma / 2
+    return torch.where(t <= -half, torch.zeros_like(t), torch.where(t >= half, 1.0, inner))
+
+
+def selector_weights(steps: Tensor, num_experts: int) -> Tensor:
+    """Each selector's distribution over the E experts, ``[..., E]`` from ``S(z)`` ``[..., m]``.
+
+    The unrestricted selector puts ``r_l = prod_j (S(z_j) if bit j of l is 1 else
+    1 - S(z_j))`` on every code ``l < 2^m`` (these sum to 1). When E is not a power of two,
+    codes ``l >= E`` have no expert: we mask them and renormalise over the valid codes
+    (conditioning the bits on ``l < E``), so no weight reaches a missing expert and the
+    weights still sum to 1. If a selector has reached a binary state on a missing code
+    (the valid mass is exactly 0), its top bit is cleared instead: code ``l`` folds onto
+    ``l - 2^(m-1) < E``, which keeps it one-hot (its gradient is 0 there anyway).
+    """
+    m = steps.shape[-1]
+    codes = torch.arange(2**m, device=steps.device)
+    bits = (codes[:, None] >> torch.arange(m, device=steps.device)) & 1  # [2^m, m]
+    on = bits.to(torch.bool)
+    # [..., 2^m, m] -> product over bits
+    factors = torch.where(on, steps.unsqueeze(-2), 1.0 - steps.unsqueeze(-2))
+    full = factors.prod(dim=-1)  # [..., 2^m]
+    if num_experts == 2**m:
+        return full
+    valid = full[..., :num_experts]
+    mass = valid.sum(dim=-1, keepdim=True)
+    has_mass = mass > 0
+    renormalised = valid / torch.where(has_mass, mass, torch.ones_like(mass))
+    missing = torch.arange(num_experts, 2**m, device=steps.device) - 2 ** (m - 1)
+    folded = valid.index_add(-1, missing, full[..., num_experts:])  # l -> l - 2^(m-1)
+    return torch.where(has_mass, renormalised, folded)
+
+
+class DSelectKGate(Router):
+    """DSelect-k gate (Hazimeh, Zhao, Chowdhery, Sathiamoorthy, Chen, Mazumder, Hong & Chi
+    2021, DSelect-k: Differentiable Selection in the Mixture of Experts with Applications
+    to Multi-Task Learning).
+
+    Formula (E experts, ``m = ceil(log2 E)`` bits, k selectors, smooth step S)::
+
+        r(S(z))_l = prod_j (S(z_j) if bit j of l is 1 else 1 - S(z_j))   selector over codes
+        G = sum_{i=1..k} softmax(alpha)_i * r(S(z^(i)))                   [E], sums to 1
+
+    - static variant (``per_example=False``): ``z [k, m]`` and ``alpha [k]`` are
+      parameters, one selection for all inputs (multi-task learning: one gate per task);
+    - per-example variant (``per_example=True``): ``z^(i) = W_i x``, ``alpha = A x``
+      (``W [k*m, d]``, ``A [k, d]``), so ``G(x)`` is ``[T, E]``.
+
+    A selector whose bits all reach ``|z_j| >= gamma/2`` is one-hot, so once training has
+    converged at most k experts carry weight; the Routing holds only the non-zero entries
+    (``probs`` is the dense ``G`` ``[T, E]``). E not a power of two: see
+    :func:`selector_weights` (mask codes >= E, renormalise each selector).
+
+    Loss: ``aux["entropy"] = entropy_weight * sum_i entropy(r(S(z^(i))))`` (averaged over
+    tokens in the per-example variant; ``entropy(r) = -sum_l r_l log(r_l + 1e-6)``); it
+    pushes the selectors to binary states. 0 switches it off (no ``entropy`` key).
+
+    Init (as in the paper's code): z and its projection ``W`` uniform in ``±gamma/100``, so
+    every selector starts near the uniform distribution; the static alpha starts at zero,
+    ``A`` uniform in ``±0.05`` with a zero bias.
+
+    Args:
+        d_model: d.
+        num_experts: E.
+        k: number of selectors, ``1 <= k <= E``.
+        gamma: the smooth step's width, > 0.
+        entropy_weight: lambda >= 0.
+        per_example: the per-example (True) or static (False) variant.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        *,
+        k: int = 2,
+        gamma: float = 1.0,
+        entropy_weight: float = 0.0,
+        per_example: bool = True,
+    ) -> None:
+        super().__init__(d_model, num_experts)
+        self.k = check_k(k, num_experts)
+        gamma = check_loss_weight("gamma", gamma)
+        if gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got {gamma!r}")
+        self.gamma = gamma
+        self.entropy_weight = check_loss_weight("entropy_weight", entropy_weight)
+        if not isinstance(per_example, bool):
+            raise TypeError(f"per_example must be a bool, got {per_example!r}")
+        self.per_example = per_example
+        self.num_bits = max(1, math.ceil(math.log2(num_experts)))
+        self.differentiable = num_experts > 1
+        bound = gamma / 100
+        if per_example:
+            self.z_proj = nn.Linear(d_model, self.k * self.num_bits)
+            self.alpha_proj = nn.Linear(d_model, self.k)
+            nn.init.uniform_(self.z_proj.weight, -bound, bound)
+            nn.init.uniform_(self.z_proj.bias, -bound, bound)
+            nn.init.uniform_(self.alpha_proj.weight, -0.05, 0.05)
+            nn.init.zeros_(self.alpha_proj.bias)
+        else:
+            self.z = nn.Parameter(torch.empty(self.k, self.num_bits).uniform_(-bound, bound))
+            self.alpha = nn.Parameter(torch.zeros(self.k))
+
+    def gate_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(G, r)``: the expert weights ``[T, E]`` and the selectors ``[T, k, E]``
+        (``[1, k, E]`` in the static variant)."""
+        if self.per_example:
+            z = upcast_half(self.z_proj(x)).view(-1, self.k, self.num_bits)  # [T, k, m]
+            alpha = upcast_half(self.alpha_proj(x))  # [T, k]
+        else:
+            z = upcast_half(self.z)[None]  # [1, k, m]
+            alpha = upcast_half(self.alpha)[None]  # [1, k]
+        r = selector_weights(smooth_step(z, self.gamma), self.num_experts)  # [., k, E]
+        gates = (torch.softmax(alpha, dim=-1).unsqueeze(-1) * r).sum(dim=-2)  # [., E]
+        return gates, r
+
+    def route(self, x: Tensor, token_ids: Tensor | None) -> Routing:
+        num_tokens = x.shape[0]
+        gates, r = self.gate_weights(x)
+        if not self.per_example:
+            gates = gates.to(upcast_half(x).dtype).expand(num_tokens, self.num_experts)
+        aux: dict[str, Tensor] = {}
+        if self.entropy_weight > 0:
+            entropy = -(r * torch.log(r + _ENTROPY_EPS)).sum(dim=-1).sum(dim=-1)  # [.]
+            mean = entropy.mean() if entropy.numel() else entropy.sum()
+            aux["entropy"] = self.entropy_weight * mean
+        return Routing.from_dense(gates, probs=gates, aux=aux)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, k={self.k}, gamma={self.gamma}, "
+            f"entropy_weight={self.entropy_weight}, per_example={self.per_example}"
+        )
