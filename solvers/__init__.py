@@ -3,4 +3,8 @@
 Never imports ``routelab`` or ``analysis``.
 """
 
+from solvers.kmeans import KMeansResult, kmeans
+from solvers.partition import PartitionResult, balanced_partition, greedy_partition
+
 __all__: list[str] = []
+__all__ += ["KMeansResult", "PartitionResult", "balanced_partition", "greedy_partition", "kmeans"]
