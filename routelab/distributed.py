@@ -1,0 +1,499 @@
+"""Expert parallelism on ``torch.distributed``: all-to-all dispatch and combine of a Routing.
+
+When the experts outgrow one device they are sharded across the ranks of a process
+group: data parallel for the rest of the model, model parallel for the experts
+(Shazeer et al. 2017, section 3.1, the answer to the shrinking batch; GShard,
+Lepikhin et al. 2020; Switch, Fedus et al. 2021). With E experts and W ranks, rank r
+holds the ``E / W`` experts ``[r * E/W, (r+1) * E/W)`` as an ``FFNExperts`` shard.
+
+Forward of :class:`ExpertParallelMoE` on every rank, with its local ``x [T_r, d]``::
+
+    routing   = router(x)                          local Routing, global expert ids
+    plan      = ExpertDispatch.plan(routing)       entries sorted by expert, counts [E]
+    counts    -> all_to_all -> recv_counts [W, E/W] entries each rank sends me, per expert
+    xs        = plan.gather(x)                     [N_r, d], contiguous per destination rank
+    xr        = all_to_all(xs, send = per-rank sums of counts, recv = sums of recv_counts)
+    yr        = local experts on xr               [M_r, d]
+    ys        = all_to_all(yr, the transposed split sizes)   [N_r, d], back in plan order
+    y         = plan.combine(ys)                   weighted scatter-add into [T_r, d]
+
+Both exchanges are an autograd function whose backward is the reverse exchange (the
+transpose of the split sizes), so gradients reach ``x``, the routing weights (hence the
+router) and the local expert weights. Every rank joins every collective whatever its
+number of tokens, so ranks with different T, or with T = 0, cannot hang.
+
+Gloo (CPU) and NCCL (GPU) run the same code: ``dist.all_to_all_single`` with variable
+split sizes, which both backends support on torch >= 2.0.
+
+Gradient semantics: an expert-shard gradient already sums the contributions of every
+rank's tokens; a replicated parameter (the router, anything outside the experts) gets
+only the local part. :func:`all_reduce_replicated_grads` sums those over the group, so
+that every gradient is the gradient of the sum of the per-rank losses (divide each
+rank's loss by the world size for the gradient of the global mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from routelab.experts import ExpertDispatch, FFNExperts
+from routelab.moe import MoE, MoEOutput
+from routelab.policies import Policy
+from routelab.router import Router, check_router_input
+from routelab.routing import Routing
+
+__all__ = [
+    "ASSIGNMENT_MODES",
+    "ExpertParallelMoE",
+    "all_gather_rows",
+    "all_reduce_replicated_grads",
+    "all_to_all",
+    "broadcast_replicated",
+    "expert_range",
+    "gather_experts",
+    "replicated_parameters",
+    "shard_experts",
+]
+
+ASSIGNMENT_MODES = ("per_rank", "global")
+
+_EXPERT_PARAMS = ("w_in", "w_out", "w_gate", "b_in", "b_out")
+
+
+# ---------------------------------------------------------------------- group helpers
+def _group_info(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is not initialised: call torch.distributed.init_process_group "
+            "(e.g. via torchrun) before building or running an ExpertParallelMoE"
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def expert_range(num_experts: int, rank: int, world_size: int) -> range:
+    """The global expert ids held by ``rank``: ``[rank * E/W, (rank + 1) * E/W)``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size = {world_size}), got {rank}")
+    if num_experts % world_size:
+        raise ValueError(
+            f"num_experts = {num_experts} must be divisible by the world size {world_size} "
+            "to shard the experts evenly"
+        )
+    per_rank = num_experts // world_size
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+# ---------------------------------------------------------------------- the exchange
+def _exchange(
+    x: Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup | None
+) -> Tensor:
+    """One all-to-all of the rows of ``x [sum(send_splits), ...]``; returns ``[sum(recv_splits), ...]``.
+
+    Rows ``send_splits[:r]`` to ``send_splits[:r+1]`` go to rank r; the result holds the
+    rows received from rank 0, then rank 1, ... (``recv_splits[s]`` from rank s).
+    """
+    x = x.contiguous()
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x, recv_splits, send_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable all-to-all; backward is the reverse exchange (splits transposed).
+
+    ``anchor`` is an empty tensor that requires grad whenever grad mode is on, so that the
+    node, and hence its backward collective, exists on every rank alike (a rank whose rows
+    do not require grad would otherwise skip the backward exchange and hang the others).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        anchor: Tensor,
+        send_splits: list[int],
+        recv_splits: list[int],
+        group: dist.ProcessGroup | None,
+    ) -> Tensor:
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        return _exchange(x, send_splits, recv_splits, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grad_x = _exchange(grad, ctx.recv_splits, ctx.send_splits, ctx.group)
+        return grad_x, None, None, None, None
+
+
+def all_to_all(
+    x: Tensor,
+    send_splits: Sequence[int],
+    recv_splits: Sequence[int],
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Differentiable variable-size all-to-all of the rows of ``x [sum(send_splits), ...]``.
+
+    Rank r receives ``send_splits[r]`` rows from this rank; this rank receives
+    ``recv_splits[s]`` rows from rank s, concatenated in rank order. The backward pass
+    sends the gradient rows back the same way (the transposed split sizes). Every rank of
+    ``group`` must call it (with zero-row splits where it has nothing to send).
+    """
+    send, recv = [int(s) for s in send_splits], [int(s) for s in recv_splits]
+    if x.shape[0] != sum(send):
+        raise ValueError(f"x has {x.shape[0]} rows but send_splits sum to {sum(send)}")
+    if torch.is_grad_enabled():
+        anchor = torch.empty(0, device=x.device, dtype=x.dtype, requires_grad=True)
+        return _AllToAll.apply(x, anchor, send, recv, group)
+    return _exchange(x, send, recv, group)
+
+
+def all_gather_rows(x: Tensor, group: dist.ProcessGroup | None = None) -> tuple[Tensor, list[int]]:
+    """Concatenate every rank's ``x [T_r, ...]`` in rank order (variable T_r; not differentiable).
+
+    The sizes are gathered first, every block is padded to the largest T_r for the
+    fixed-size ``all_gather``, then the padding is cut. Returns ``(x_all [sum T_r, ...],
+    sizes [W])``.
+    """
+    _, world = _group_info(group)
+    size = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes_t = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes_t, size, group=group)
+    sizes = [int(s) for s in torch.cat(sizes_t).tolist()]
+    longest = max(sizes)
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x.detach()
+    blocks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(blocks, padded, group=group)
+    return torch.cat([b[:n] for b, n in zip(blocks, sizes)]), sizes
+
+
+# ---------------------------------------------------------------------- expert shards
+def shard_experts(experts: FFNExperts, rank: int, world_size: int) -> FFNExperts:
+    """The shard of a full ``FFNExperts(E, d, h)`` held by ``rank``: ``FFNExperts(E/W, d, h)``.
+
+    Its weights are copies of the global experts ``expert_range(E, rank, world_size)``
+    (``w_in[E/W, d, h]`` = ``experts.w_in[lo:hi]``, and so on), on the same device and
+    dtype. Use it to build the shards from one seeded model in tests, or to load a
+    single-process checkpoint into an expert-parallel model.
+    """
+    if not isinstance(experts, FFNExperts):
+        raise TypeError(f"experts must be an FFNExperts, got {type(experts).__name__}")
+    ids = expert_range(experts.num_experts, rank, world_size)
+    shard = FFNExperts(
+        len(ids),
+        experts.d_model,
+        experts.d_hidden,
+        activation=experts.activation,
+        bias=experts.b_in is not None,
+        grouped_gemm=experts.grouped_gemm,
+        device=experts.w_in.device,
+        dtype=experts.w_in.dtype,
+    )
+    with torch.no_grad():
+        for name in _EXPERT_PARAMS:
+            full = getattr(experts, name)
+            if full is not None:
+                getattr(shard, name).copy_(full[ids.start : ids.stop])
+    return shard
+
+
+def gather_experts(shard: FFNExperts, group: dist.ProcessGroup | None = None) -> FFNExperts:
+    """The inverse of :func:`shard_experts`: every rank's shard, all-gathered into one
+    ``FFNExperts(E, d, h)`` (on every rank; e.g. to save a single-process checkpoint)."""
+    if not isinstance(shard, FFNExperts):
+        raise TypeError(f"shard must be an FFNExperts, got {type(shard).__name__}")
+    _, world = _group_info(group)
+    full = FFNExperts(
+        shard.num_experts * world,
+        shard.d_model,
+        shard.d_hidden,
+        activation=shard.activation,
+        bias=shard.b_in is not None,
+        grouped_gemm=shard.grouped_gemm,
+        device=shard.w_in.device,
+        dtype=shard.w_in.dtype,
+    )
+    with torch.no_grad():
+        for name in _EXPERT_PARAMS:
+            local = getattr(shard, name)
+            if local is not None:
+                parts = [torch.empty_like(local) for _ in range(world)]
+                dist.all_gather(parts, local.detach().contiguous(), group=group)
+                getattr(full, name).copy_(torch.cat(parts))
+    return full
+
+
+# ---------------------------------------------------------------------- the layer
+class ExpertParallelMoE(nn.Module):
+    """An MoE layer whose E experts are sharded over the W ranks of a process group.
+
+    ``forward(x [..., d], token_ids [...] | None) -> MoEOutput(output [..., d], routing)``
+    on every rank with its own tokens (any number, zero included). The result equals a
+    single-process :class:`~routelab.MoE` with the same weights on the concatenation of
+    every rank's batch (for routers that route each token on its own; see
+    ``assignment`` for BASE). ``routing`` is the local routing (global expert ids).
+
+    The router and the policies are replicated and run on the local tokens; a capacity
+    policy therefore limits each expert per source rank (as GShard's local groups do).
+    The experts are the local shard: an ``FFNExperts(E / W, d, h)`` holding the global
+    experts ``expert_range(E, rank, W)`` (build it with :func:`shard_experts`).
+
+    Args:
+        router: any :class:`~routelab.Router` over E experts (gates, hash routers, BASE);
+            its parameters must be identical on every rank (same seed, or
+            :func:`broadcast_replicated`).
+        experts: this rank's ``FFNExperts`` shard with ``E / W`` experts.
+        policies: ``Routing -> Routing`` transforms applied to the local routing.
+        group: the expert-parallel process group (default: the world).
+        assignment: for a balanced-assignment router (BASE: one with ``expert_scores``,
+            ``assign`` and ``routing_from_assignment``), ``"per_rank"`` solves the
+            balanced assignment over each rank's own tokens (as fairseq does: every expert
+            takes an equal share of every rank's tokens), ``"global"`` all-gathers the
+            ``[T_r, E]`` scores, solves one assignment over all ranks' tokens (every rank
+            solves the same deterministic problem) and keeps this rank's slice; the
+            combine weights come from the local scores, so gradients stay local. Other
+            routers ignore it unless it is ``"global"``, which is an error for them.
+
+    Backward must run on every rank of the group (each exchange's backward is a
+    collective), which it does when every rank backpropagates a loss built from its
+    output.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        experts: FFNExperts,
+        policies: Sequence[Policy] = (),
+        *,
+        group: dist.ProcessGroup | None = None,
+        assignment: str = "per_rank",
+    ) -> None:
+        super().__init__()
+        rank, world = _group_info(group)
+        if not isinstance(router, nn.Module) or not hasattr(router, "num_experts"):
+            raise TypeError(f"router must be a routelab.Router, got {type(router).__name__}")
+        if not isinstance(experts, FFNExperts):
+            raise TypeError(
+                f"experts must be this rank's FFNExperts shard, got {type(experts).__name__}"
+            )
+        if assignment not in ASSIGNMENT_MODES:
+            raise ValueError(f"assignment must be one of {ASSIGNMENT_MODES}, got {assignment!r}")
+        if assignment == "global" and not _is_balanced_assignment_router(router):
+            raise TypeError(
+                "assignment='global' needs a balanced-assignment router with expert_scores, "
+                f"assign and routing_from_assignment (BASERouter), got {type(router).__name__}"
+            )
+        num_experts = router.num_experts
+        local = expert_range(num_experts, rank, world)
+        if experts.num_experts != len(local):
+            raise ValueError(
+                f"experts has {experts.num_experts} experts, but a shard of num_experts = "
+                f"{num_experts} over world size {world} holds {len(local)}"
+            )
+        if router.d_model != experts.d_model:
+            raise ValueError(
+                f"router has d_model = {router.d_model} but experts has {experts.d_model}"
+            )
+        for i, policy in enumerate(policies):
+            if not isinstance(policy, nn.Module):
+                raise TypeError(
+                    f"policies[{i}] must be a Policy module, got {type(policy).__name__}"
+                )
+        self.router = router
+        self.experts = experts
+        self.policies = nn.ModuleList(policies)
+        self.group = group
+        self.assignment = assignment
+        self.rank, self.world_size = rank, world
+        self.num_experts = num_experts
+        self.local_experts = local
+
+    @classmethod
+    def from_moe(
+        cls,
+        moe: MoE,
+        *,
+        group: dist.ProcessGroup | None = None,
+        assignment: str = "per_rank",
+    ) -> ExpertParallelMoE:
+        """This rank's expert-parallel copy of a single-process ``MoE`` with ``FFNExperts``.
+
+        The router and policies are shared (not copied) with ``moe``; the experts are this
+        rank's :func:`shard_experts` of ``moe.experts``.
+        """
+        if not isinstance(moe, MoE):
+            raise TypeError(f"moe must be a routelab.MoE, got {type(moe).__name__}")
+        rank, world = _group_info(group)
+        return cls(
+            moe.router,
+            shard_experts(moe.experts, rank, world),
+            list(moe.policies),
+            group=group,
+            assignment=assignment,
+        )
+
+    # ------------------------------------------------------------------ forward
+    def route(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        """The local routing of ``x [T_r, d]`` (global expert ids), before the policies."""
+        if self.assignment == "global":
+            return self._global_assignment(x, token_ids)
+        return self.router(x, token_ids)
+
+    def _global_assignment(self, x: Tensor, token_ids: Tensor | None) -> Routing:
+        """BASE over all ranks' tokens: gather the scores, solve once, keep my slice."""
+        router: Any = self.router
+        check_router_input(x, router.d_model, token_ids, need_token_ids=router.requires_token_ids)
+        scores = router.expert_scores(x)  # [T_r, E]
+        all_scores, sizes = all_gather_rows(scores, self.group)
+        assignment = router.assign(all_scores)  # int64 [sum T_r]
+        start = sum(sizes[: self.rank])
+        mine = assignment[start : start + x.shape[0]]
+        return router.routing_from_assignment(scores, mine)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
+        """``x [..., d]`` (and ``token_ids [...]``) -> ``MoEOutput(output [..., d], routing)``."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1:
+            raise ValueError("x must have at least one dimension [..., d_model]")
+        leading = x.shape[:-1]
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat_ids = None
+        if token_ids is not None:
+            if not isinstance(token_ids, Tensor):
+                raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
+            if token_ids.shape != leading:
+                raise ValueError(
+                    f"token_ids must have the shape of x without its last dimension, "
+                    f"{tuple(leading)}, got {tuple(token_ids.shape)}"
+                )
+            flat_ids = token_ids.reshape(-1)
+        weight = self.experts.w_in
+        if flat_x.dtype != weight.dtype or flat_x.device != weight.device:
+            raise TypeError(
+                f"x is {flat_x.dtype} on {flat_x.device} but the expert shard is "
+                f"{weight.dtype} on {weight.device}"
+            )
+        routing = self.route(flat_x, flat_ids)
+        for policy in self.policies:
+            routing = policy(routing)
+        y = self.dispatch_combine(flat_x, routing)
+        return MoEOutput(y.reshape(*leading, y.shape[-1]), routing)
+
+    def dispatch_combine(self, x: Tensor, routing: Routing) -> Tensor:
+        """Run any local Routing over ``x [T_r, d]`` on the sharded experts -> ``y [T_r, d]``.
+
+        ``y_t = sum over entries n of token t: weight_n * FFN_{expert_n}(x_t)``, the same as
+        ``FFNExperts.forward`` on the full experts, with each entry's FFN evaluated on the
+        rank that holds its expert.
+        """
+        if routing.num_experts != self.num_experts or routing.num_tokens != x.shape[0]:
+            raise ValueError(
+                f"routing is over T = {routing.num_tokens}, E = {routing.num_experts}; "
+                f"expected T = {x.shape[0]}, E = {self.num_experts}"
+            )
+        world, e_local = self.world_size, len(self.local_experts)
+        plan = ExpertDispatch.plan(routing)
+        counts = torch.tensor(plan.counts, dtype=torch.int64, device=x.device)  # [E]
+        # [W, E/W]: row s holds what rank s sends to each of my experts
+        recv_counts = _exchange(counts, [e_local] * world, [e_local] * world, self.group)
+        recv_counts = recv_counts.view(world, e_local)
+        send_splits = counts.view(world, e_local).sum(1).tolist()
+        recv_splits = recv_counts.sum(1).tolist()
+
+        received = all_to_all(plan.gather(x), send_splits, recv_splits, self.group)  # [M, d]
+        # the received rows come by source rank, then by local expert: label and run them
+        local_expert = torch.repeat_interleave(
+            torch.arange(e_local, device=x.device).repeat(world), recv_counts.reshape(-1)
+        )
+        rows = received.shape[0]
+        local_routing = Routing(
+            token=torch.arange(rows, device=x.device),
+            expert=local_expert,
+            weight=received.new_ones(rows),
+            num_tokens=rows,
+            num_experts=e_local,
+        )
+        outputs = self.experts(received, local_routing)  # [M, d], weight 1: plain FFN rows
+        returned = all_to_all(outputs, recv_splits, send_splits, self.group)  # [N, d]
+        return plan.combine(returned, x.shape[0], x.dtype)
+
+    def expert_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters of this rank's expert shard (not replicated)."""
+        return self.experts.parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, rank={self.rank}, world_size={self.world_size}, "
+            f"local_experts=[{self.local_experts.start}, {self.local_experts.stop}), "
+            f"assignment={self.assignment!r}"
+        )
+
+
+def _is_balanced_assignment_router(router: object) -> bool:
+    return all(
+        callable(getattr(router, name, None))
+        for name in ("expert_scores", "assign", "routing_from_assignment")
+    )
+
+
+# ---------------------------------------------------------------------- data parallel
+def _sharded_ids(model: nn.Module) -> set[int]:
+    return {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, ExpertParallelMoE)
+        for p in module.expert_parameters()
+    }
+
+
+def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``model`` except the expert shards of its ExpertParallelMoE layers."""
+    sharded = _sharded_ids(model)
+    return [p for p in model.parameters() if id(p) not in sharded]
+
+
+def all_reduce_replicated_grads(
+    model: nn.Module, group: dist.ProcessGroup | None = None, *, average: bool = False
+) -> None:
+    """Sum (or average) the gradients of the replicated parameters over ``group``.
+
+    The expert shards are left alone: their gradients already hold every rank's tokens.
+    With the default sum, every gradient is that of the sum of the per-rank losses.
+    One flat all-reduce per dtype; parameters without a gradient count as zero.
+    """
+    _, world = _group_info(group)
+    params = [p for p in replicated_parameters(model) if p.requires_grad]
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+    for p in params:
+        by_dtype.setdefault((p.dtype, p.device), []).append(p)
+    for plist in by_dtype.values():
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in plist]
+        )
+        dist.all_reduce(flat, group=group)
+        if average:
+            flat /= world
+        offset = 0
+        for p in plist:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+
+def broadcast_replicated(
+    model: nn.Module, src: int = 0, group: dist.ProcessGroup | None = None
+) -> None:
+    """Copy the replicated parameters and buffers of global rank ``src`` to every rank."""
+    _group_info(group)
+    sharded = _sharded_ids(model)
+    with torch.no_grad():
+        for p in replicated_parameters(model):
+            dist.broadcast(p.data, src=src, group=group)
+        for b in model.buffers():
+            if id(b) not in sharded:
+                dist.broadcast(b, src=src, group=group)

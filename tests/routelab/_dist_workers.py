@@ -1,0 +1,339 @@
+"""Spawned-process harness for the expert-parallel tests (gloo on 127.0.0.1).
+
+:func:`run_group` starts ``world_size`` real processes (start method "spawn"), each of
+which joins a gloo group on a free loopback port and runs one worker function from this
+module; it returns every rank's outcome and never waits past its deadline (stragglers
+are killed and reported as hung). Workers compute errors instead of asserting, so that
+every rank keeps joining the same collectives; the test process asserts on the results.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+GROUP_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Outcome:
+    """One rank's result: ``exitcode`` (None: still running at the deadline, killed)."""
+
+    rank: int
+    exitcode: int | None
+    result: Any = None
+    error: str | None = None
+    error_type: str | None = None
+    elapsed: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_group(
+    worker: str,
+    world_size: int,
+    *,
+    config: dict[str, Any] | None = None,
+    deadline_s: float = 120.0,
+    release_after: list[int] | None = None,
+) -> list[Outcome]:
+    """Run ``worker`` (a function name in this module) on ``world_size`` processes.
+
+    ``release_after``: ranks whose completion the parent waits for before it sets the
+    shared event that lingering workers wait on (the failing-rank test).
+    """
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    release = ctx.Event()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [
+            ctx.Process(
+                target=_entry,
+                args=(worker, rank, world_size, port, tmp, config or {}, release),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        end = time.monotonic() + deadline_s
+        first = release_after if release_after is not None else []
+        for rank in first:
+            procs[rank].join(max(0.0, end - time.monotonic()))
+        release.set()
+        for p in procs:
+            p.join(max(0.0, end - time.monotonic()))
+        outcomes = []
+        for rank, p in enumerate(procs):
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+                outcomes.append(Outcome(rank, None, error="hung past the deadline"))
+                continue
+            path = os.path.join(tmp, f"{rank}.pkl")
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    record = pickle.load(f)
+                outcomes.append(Outcome(rank, p.exitcode, **record))
+            else:
+                outcomes.append(Outcome(rank, p.exitcode, error="no result written"))
+        return outcomes
+
+
+def _entry(
+    worker: str,
+    rank: int,
+    world_size: int,
+    port: int,
+    tmp: str,
+    config: dict[str, Any],
+    release: Any,
+) -> None:
+    torch.set_num_threads(1)
+    start = time.monotonic()
+    record: dict[str, Any] = {}
+    code = 0
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
+        )
+        record["result"] = globals()[worker](rank, world_size, config)
+    except BaseException as err:  # record any failure for the parent, then exit non-zero
+        record["error"] = "".join(traceback.format_exception(err))[-4000:]
+        record["error_type"] = type(err).__name__
+        code = 1
+        if config.get("linger_rank") == rank:  # stay alive: peers cannot see a closed socket
+            release.wait(config.get("linger_s", 60.0))
+    record["elapsed"] = time.monotonic() - start
+    with open(os.path.join(tmp, f"{rank}.pkl.part"), "wb") as f:
+        pickle.dump(record, f)
+    os.replace(os.path.join(tmp, f"{rank}.pkl.part"), os.path.join(tmp, f"{rank}.pkl"))
+    if code == 0 and dist.is_initialized():
+        dist.destroy_process_group()
+    # skip interpreter teardown: a peer may be gone, and a failed rank must not block
+    os._exit(code)
+
+
+# ---------------------------------------------------------------------- equivalence
+D_MODEL, D_HIDDEN, VOCAB = 6, 8, 50
+
+
+def make_router(kind: str, num_experts: int) -> Any:
+    """A router of the named family over ``num_experts`` experts (seeded by the caller)."""
+    if kind == "topk":
+        from routelab.routers import TopKGate
+
+        return TopKGate(D_MODEL, num_experts, k=2)
+    if kind == "hash":
+        from routelab.routers.hash import HashRouter
+
+        return HashRouter.fit("random", num_experts, d_model=D_MODEL, vocab_size=VOCAB, seed=3)
+    if kind == "multi-hash":  # two hash functions, each over half of the experts
+        from routelab.routers.hash import HashRouter
+
+        return HashRouter.fit(
+            "multi-hash", num_experts // 2, d_model=D_MODEL, vocab_size=VOCAB, num_hashes=2
+        )
+    if kind == "base":
+        from routelab.routers.base_layer import BASERouter
+
+        return BASERouter(D_MODEL, num_experts)
+    raise ValueError(f"unknown router kind {kind!r}")
+
+
+def concat_routings(parts: list[Any], sizes: list[int]) -> Any:
+    """The routings of consecutive chunks of ``sizes[r]`` tokens as one Routing."""
+    from routelab import Routing
+
+    offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+    return Routing(
+        token=torch.cat([p.token + o for p, o in zip(parts, offsets)]),
+        expert=torch.cat([p.expert for p in parts]),
+        weight=torch.cat([p.weight for p in parts]),
+        num_tokens=sum(sizes),
+        num_experts=parts[0].num_experts,
+    )
+
+
+def _max_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    if a is None and b is None:
+        return 0.0
+    if a is None or b is None:  # one side has no gradient: fine only if the other is 0
+        other = a if a is not None else b
+        return float(other.abs().max()) if other.numel() else 0.0
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, float]:
+    """Max abs errors of the expert-parallel layer against the single-process reference.
+
+    ``case``: ``router`` kind, per-rank ``sizes``, ``assignment`` ("per_rank"/"global"),
+    ``reference`` ("full": MoE on the concatenation; "chunks": router and policies on
+    each rank's chunk, experts on the concatenation), optional ``capacity`` (a factor)
+    ``batched`` (feed ``[1, T_r, d]``) and ``activation`` of the experts.
+    """
+    import copy
+
+    from routelab import FFNExperts, MoE
+    from routelab.distributed import (
+        ExpertParallelMoE,
+        all_reduce_replicated_grads,
+        broadcast_replicated,
+        shard_experts,
+    )
+    from routelab.policies import CapacityPolicy
+
+    torch.manual_seed(case.get("seed", 0))
+    num_experts = case["num_experts"]
+    router = make_router(case["router"], num_experts)
+    experts = FFNExperts(num_experts, D_MODEL, D_HIDDEN, activation=case.get("activation", "relu"))
+    policies = [CapacityPolicy(case["capacity"])] if case.get("capacity") else []
+    sizes = case["sizes"]
+    total = sum(sizes)
+    x_full = torch.randn(total, D_MODEL)
+    ids_full = torch.randint(0, VOCAB, (total,))
+    g_full = torch.randn(total, D_MODEL)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    router_ep = copy.deepcopy(router)
+    policies_ep = copy.deepcopy(policies)
+
+    # the single-process reference, on every rank alike
+    moe = MoE(router, experts, policies)
+    xr = x_full.clone().requires_grad_()
+    if case["reference"] == "full":
+        y_ref = moe(xr, ids_full).output
+    else:
+        parts = []
+        for r in range(world):
+            a, b = sum(sizes[:r]), sum(sizes[: r + 1])
+            routing = router(xr[a:b], ids_full[a:b])
+            for policy in policies:
+                routing = policy(routing)
+            parts.append(routing)
+        y_ref = experts(xr, concat_routings(parts, sizes))
+    (y_ref * g_full).sum().backward()
+
+    # the expert-parallel layer on this rank's chunk
+    layer = ExpertParallelMoE(
+        router_ep,
+        shard_experts(experts, rank, world),
+        policies_ep,
+        assignment=case.get("assignment", "per_rank"),
+    )
+    broadcast_replicated(layer)
+    x = x_full[lo:hi].clone().requires_grad_()
+    ids = ids_full[lo:hi]
+    if case.get("batched"):
+        out = layer(x.unsqueeze(0), ids.unsqueeze(0)).output.squeeze(0)
+    else:
+        out = layer(x, ids).output
+    (out * g_full[lo:hi]).sum().backward()
+    all_reduce_replicated_grads(layer)
+
+    errs = {
+        "output": _max_err(out.detach(), y_ref.detach()[lo:hi]),
+        "grad_x": _max_err(x.grad, xr.grad[lo:hi]),
+    }
+    ref_router = dict(router.named_parameters())
+    for name, p in router_ep.named_parameters():
+        errs[f"router.{name}"] = _max_err(p.grad, ref_router[name].grad)
+    ids_local = layer.local_experts
+    for name, p in layer.experts.named_parameters():
+        full = getattr(experts, name)
+        grad = None if full.grad is None else full.grad[ids_local.start : ids_local.stop]
+        errs[f"experts.{name}"] = _max_err(p.grad, grad)
+    errs["entries"] = float(out.shape[0])  # not an error: lets the parent see T_r
+    return errs
+
+
+def equivalence(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
+    """Every case of ``config["cases"]``, then the constructor's and helpers' checks."""
+    results: dict[str, Any] = {}
+    for case in config["cases"]:
+        results[case["name"]] = compare_case(rank, world, case)
+    results["checks"] = helper_checks(rank, world)
+    return results
+
+
+def helper_checks(rank: int, world: int) -> dict[str, Any]:
+    """Constructor errors (raised before any collective) and the shard round trip."""
+    from routelab import FFNExperts
+    from routelab.distributed import ExpertParallelMoE, gather_experts, shard_experts
+    from routelab.routers import TopKGate
+
+    out: dict[str, Any] = {}
+
+    def raised(fn: Any) -> str:
+        try:
+            fn()
+        except Exception as err:
+            return f"{type(err).__name__}: {err}"
+        return "no error"
+
+    torch.manual_seed(1)
+    bad_e = world * 2 + 1
+    out["indivisible"] = raised(
+        lambda: ExpertParallelMoE(TopKGate(D_MODEL, bad_e), FFNExperts(1, D_MODEL, D_HIDDEN))
+    )
+    out["wrong_shard"] = raised(
+        lambda: ExpertParallelMoE(TopKGate(D_MODEL, 2 * world), FFNExperts(3, D_MODEL, D_HIDDEN))
+    )
+    out["global_needs_base"] = raised(
+        lambda: ExpertParallelMoE(
+            TopKGate(D_MODEL, 2 * world), FFNExperts(2, D_MODEL, D_HIDDEN), assignment="global"
+        )
+    )
+    out["bad_mode"] = raised(
+        lambda: ExpertParallelMoE(
+            TopKGate(D_MODEL, 2 * world), FFNExperts(2, D_MODEL, D_HIDDEN), assignment="all"
+        )
+    )
+    full = FFNExperts(2 * world, D_MODEL, D_HIDDEN, activation="swiglu")
+    back = gather_experts(shard_experts(full, rank, world))
+    out["roundtrip"] = max(
+        _max_err(p.detach(), q.detach()) for p, q in zip(full.parameters(), back.parameters())
+    )
+    return out
+
+
+# ---------------------------------------------------------------------- failing rank
+def failing_rank(rank: int, world: int, config: dict[str, Any]) -> None:
+    """Rank ``config["bad_rank"]`` raises (bad input, before any collective); the others
+    run a forward on a group with a short timeout and must fail with an error."""
+    from routelab import FFNExperts
+    from routelab.distributed import ExpertParallelMoE, shard_experts
+    from routelab.routers import TopKGate
+
+    group = dist.new_group(timeout=datetime.timedelta(seconds=config["timeout_s"]))
+    torch.manual_seed(0)
+    layer = ExpertParallelMoE(
+        TopKGate(D_MODEL, 2 * world),
+        shard_experts(FFNExperts(2 * world, D_MODEL, D_HIDDEN), rank, world),
+        group=group,
+    )
+    dist.barrier()  # everybody is ready: from here on, only the exchange can block
+    width = D_MODEL + 1 if rank == config["bad_rank"] else D_MODEL
+    out = layer(torch.randn(5, width)).output
+    out.sum().backward()

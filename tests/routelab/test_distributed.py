@@ -1,0 +1,207 @@
+"""Expert parallelism on real processes (gloo on 127.0.0.1, world sizes 2 and 4).
+
+Each world size is one spawned run (``_dist_workers.run_group``) that goes through all
+its cases; the tests below assert on the per-rank results. Every case compares the
+expert-parallel layer on each rank's chunk with a single-process reference on the
+concatenated batch: the output slice, the input gradient slice, the expert-shard
+gradients against the matching slice of the full experts' gradients, and the router
+gradients summed over the ranks against the reference router gradients.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from routelab import FFNExperts
+from routelab.distributed import ExpertParallelMoE, expert_range, shard_experts
+from routelab.routers import TopKGate
+from tests.routelab._dist_workers import run_group
+
+TOL = 1e-5
+
+
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+HAS_HASH = _available("routelab.routers.hash")
+HAS_BASE = _available("routelab.routers.base_layer")
+
+
+def _cases(world: int) -> list[dict]:
+    E = 2 * world
+    if world == 2:
+        spec = [
+            ("topk", "topk", [5, 7], "per_rank", "full", {}),
+            ("topk_one_empty_rank", "topk", [0, 7], "per_rank", "full", {"batched": True}),
+            ("topk_all_empty", "topk", [0, 0], "per_rank", "full", {}),
+            ("topk_capacity_per_rank", "topk", [9, 4], "per_rank", "chunks", {"capacity": 0.5}),
+            ("hash", "hash", [6, 3], "per_rank", "full", {}),
+            ("hash_one_empty_rank", "hash", [4, 0], "per_rank", "full", {}),
+            ("multi_hash", "multi-hash", [5, 4], "per_rank", "full", {}),
+            ("base_per_rank", "base", [6, 5], "per_rank", "chunks", {}),
+            ("base_global", "base", [6, 5], "global", "full", {}),
+            ("base_per_rank_one_empty", "base", [0, 8], "per_rank", "chunks", {}),
+            ("base_global_one_empty", "base", [0, 8], "global", "full", {}),
+        ]
+    else:
+        spec = [
+            ("topk", "topk", [3, 0, 6, 1], "per_rank", "full", {"activation": "swiglu"}),
+            ("topk_all_empty", "topk", [0, 0, 0, 0], "per_rank", "full", {}),
+            ("hash", "hash", [2, 5, 0, 4], "per_rank", "full", {}),
+            ("base_per_rank", "base", [4, 0, 7, 3], "per_rank", "chunks", {}),
+            ("base_global", "base", [4, 0, 7, 3], "global", "full", {}),
+        ]
+    available = {"topk": True, "hash": HAS_HASH, "multi-hash": HAS_HASH, "base": HAS_BASE}
+    return [
+        dict(
+            name=name,
+            router=router,
+            num_experts=E,
+            sizes=sizes,
+            assignment=mode,
+            reference=ref,
+            seed=i,
+            **extra,
+        )
+        for i, (name, router, sizes, mode, ref, extra) in enumerate(spec)
+        if available[router]
+    ]
+
+
+def _case_names(world: int) -> list:
+    names: list = [c["name"] for c in _cases(world)]
+    for router, present in {"hash": HAS_HASH, "base": HAS_BASE}.items():
+        if not present:
+            names.append(
+                pytest.param(f"{router}_cases", marks=pytest.mark.skip(f"{router} not built yet"))
+            )
+    return names
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return run_group("equivalence", 2, config={"cases": _cases(2)}, deadline_s=120)
+
+
+@pytest.fixture(scope="module")
+def world4():
+    return run_group("equivalence", 4, config={"cases": _cases(4)}, deadline_s=150)
+
+
+def _results(outcomes):
+    for o in outcomes:
+        assert o.exitcode == 0 and o.error is None, f"rank {o.rank} failed:\n{o.error}"
+    return [o.result for o in outcomes]
+
+
+def _check_case(outcomes, name):
+    for rank, result in enumerate(_results(outcomes)):
+        errs = dict(result[name])
+        errs.pop("entries")
+        assert {"output", "grad_x"} <= set(errs)
+        assert any(k.startswith("experts.") for k in errs)
+        bad = {k: v for k, v in errs.items() if not v <= TOL}
+        assert not bad, f"rank {rank}, case {name}: errors above {TOL}: {bad}"
+
+
+@pytest.mark.parametrize("name", _case_names(2))
+def test_world2_matches_single_process(world2, name):
+    _check_case(world2, name)
+
+
+@pytest.mark.parametrize("name", _case_names(4))
+def test_world4_matches_single_process(world4, name):
+    _check_case(world4, name)
+
+
+def test_ranks_saw_their_own_batch_sizes(world2, world4):
+    for outcomes, world in ((world2, 2), (world4, 4)):
+        for case in _cases(world):
+            got = [r[case["name"]]["entries"] for r in _results(outcomes)]
+            assert got == case["sizes"]
+
+
+def test_constructor_errors_and_shard_round_trip(world2, world4):
+    for outcomes in (world2, world4):
+        for result in _results(outcomes):
+            checks = result["checks"]
+            assert (
+                checks["indivisible"].startswith("ValueError")
+                and "divisible" in (checks["indivisible"])
+            )
+            assert checks["wrong_shard"].startswith("ValueError")
+            assert checks["global_needs_base"].startswith("TypeError")
+            assert checks["bad_mode"].startswith("ValueError")
+            assert checks["roundtrip"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("world", "bad_rank", "linger"),
+    [
+        (2, 1, True),  # the failed rank stays alive: the others must hit the group timeout
+        (3, 0, False),  # the failed rank (which hosts the store) exits at once
+    ],
+)
+def test_a_failing_rank_makes_the_others_fail_not_hang(world, bad_rank, linger):
+    timeout_s = 5.0
+    outcomes = run_group(
+        "failing_rank",
+        world,
+        config={
+            "bad_rank": bad_rank,
+            "timeout_s": timeout_s,
+            "linger_rank": bad_rank if linger else None,
+        },
+        deadline_s=90,
+        release_after=[r for r in range(world) if r != bad_rank],
+    )
+    for o in outcomes:
+        assert o.exitcode is not None, f"rank {o.rank} hung"
+        assert o.exitcode != 0 and o.error is not None, f"rank {o.rank} did not fail"
+    assert outcomes[bad_rank].error_type == "ValueError"
+    assert "d_model" in outcomes[bad_rank].error
+    for o in outcomes:
+        if o.rank != bad_rank:
+            assert o.error_type in ("RuntimeError", "DistBackendError", "DistNetworkError")
+            # init + setup take a few seconds; the error comes within one group timeout
+            assert o.elapsed < timeout_s + 30
+
+
+# ---------------------------------------------------------------------- in-process
+def test_expert_range_and_its_errors():
+    assert list(expert_range(8, 1, 4)) == [2, 3]
+    assert list(expert_range(6, 0, 1)) == list(range(6))
+    with pytest.raises(ValueError, match="divisible"):
+        expert_range(6, 0, 4)
+    with pytest.raises(ValueError, match="rank"):
+        expert_range(8, 4, 4)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_shards_hold_the_global_experts(activation, bias):
+    torch.manual_seed(0)
+    full = FFNExperts(6, 5, 7, activation=activation, bias=bias)
+    x = torch.randn(4, 5)
+    for rank in range(3):
+        shard = shard_experts(full, rank, 3)
+        assert shard.num_experts == 2 and shard.activation == activation
+        assert (shard.b_in is None) == (not bias)
+        for local, e in enumerate(expert_range(6, rank, 3)):
+            torch.testing.assert_close(shard.expert_forward(local, x), full.expert_forward(e, x))
+        with torch.no_grad():  # a copy, not a view: the full experts stay untouched
+            shard.w_in.zero_()
+        assert full.w_in.abs().sum() > 0
+    with pytest.raises(ValueError, match="divisible"):
+        shard_experts(full, 0, 4)
+    with pytest.raises(TypeError, match="FFNExperts"):
+        shard_experts(torch.nn.Linear(2, 2), 0, 1)
+
+
+def test_layer_needs_an_initialised_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ExpertParallelMoE(TopKGate(4, 2), FFNExperts(2, 4, 8))
