@@ -1,0 +1,237 @@
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from routelab.routers import DSelectKGate
+from routelab.routers.dselect_k import selector_weights, smooth_step
+from routelab.testing import RouterContract, check_routing
+
+
+class TestDSelectKPerExample(RouterContract):
+    num_experts = 6  # not a power of two: codes 6 and 7 have no expert
+
+    def make_router(self, d_model, num_experts):
+        return DSelectKGate(d_model, num_experts, k=2, gamma=0.5, entropy_weight=1e-3)
+
+
+class TestDSelectKStatic(RouterContract):
+    num_experts = 8
+
+    def make_router(self, d_model, num_experts):
+        gate = DSelectKGate(d_model, num_experts, k=3, per_example=False, entropy_weight=1e-2)
+        torch.nn.init.normal_(gate.alpha)
+        return gate
+
+
+# ---------------------------------------------------------------- smooth step
+@pytest.mark.parametrize("gamma", [0.1, 1.0, 3.0])
+def test_smooth_step_ends_and_middle(gamma):
+    t = torch.tensor([-2 * gamma, -gamma / 2, 0.0, gamma / 2, 2 * gamma], dtype=torch.float64)
+    assert smooth_step(t, gamma).tolist() == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0], abs=1e-12)
+    dense = torch.linspace(-gamma, gamma, 2001, dtype=torch.float64)
+    values = smooth_step(dense, gamma)
+    assert bool((values.diff() >= 0).all())  # monotone
+    assert bool(((values >= 0) & (values <= 1)).all())
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_smooth_step_is_continuously_differentiable(gamma):
+    # S' from autograd on both sides of each end is 0 (matches the flat parts), and S'
+    # varies continuously: no jump between neighbouring points of a fine grid.
+    h = 1e-7
+    points = torch.tensor(
+        [-gamma / 2 - h, -gamma / 2 + h, gamma / 2 - h, gamma / 2 + h], dtype=torch.float64
+    ).requires_grad_()
+    (grad,) = torch.autograd.grad(smooth_step(points, gamma).sum(), points)
+    assert grad.abs().max() < 1e-5
+    grid = torch.linspace(-gamma, gamma, 4001, dtype=torch.float64).requires_grad_()
+    (slope,) = torch.autograd.grad(smooth_step(grid, gamma).sum(), grid)
+    assert slope.diff().abs().max() < 1e-2 / gamma
+    assert float(slope.max()) == pytest.approx(1.5 / gamma)  # S'(0) = 3 / (2 gamma)
+
+
+def test_gradcheck_of_the_smooth_step():
+    gen = torch.Generator().manual_seed(0)
+    t = (torch.rand(40, dtype=torch.float64, generator=gen) * 3 - 1.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: smooth_step(v, 1.7), (t,))
+
+
+# ---------------------------------------------------------------- selectors
+def brute_force_selector(s, num_experts):
+    """r over all codes by explicit bit loops; mask codes >= E, renormalise (or fold)."""
+    m = len(s)
+    full = []
+    for code in range(2**m):
+        p = 1.0
+        for j in range(m):
+            p *= s[j] if (code >> j) & 1 else 1 - s[j]
+        full.append(p)
+    valid = full[:num_experts]
+    mass = sum(valid)
+    if mass > 0:
+        return [v / mass for v in valid]
+    folded = list(valid)
+    for code in range(num_experts, 2**m):
+        folded[code - 2 ** (m - 1)] += full[code]
+    return folded
+
+
+@given(
+    E=st.integers(1, 9),
+    data=st.data(),
+)
+def test_selector_weights_match_brute_force(E, data):
+    m = max(1, math.ceil(math.log2(E)))
+    s = data.draw(
+        st.lists(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0, 1)), min_size=m, max_size=m)
+    )
+    got = selector_weights(torch.tensor(s, dtype=torch.float64), E)
+    assert got.shape == (E,)
+    torch.testing.assert_close(got, torch.tensor(brute_force_selector(s, E), dtype=torch.float64))
+    assert float(got.sum()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("E", [3, 5, 6, 7])
+def test_no_weight_reaches_a_missing_expert(E):
+    m = math.ceil(math.log2(E))
+    # every saturated selector state, the invalid codes included
+    for code in range(2**m):
+        s = torch.tensor([float((code >> j) & 1) for j in range(m)], dtype=torch.float64)
+        r = selector_weights(s, E)
+        assert r.shape == (E,) and float(r.sum()) == 1.0
+        assert int((r > 0).sum()) == 1  # still one-hot: sparse
+        assert int(r.argmax()) == (code if code < E else code - 2 ** (m - 1))
+    # and a gate fed huge inputs (every bit saturated) never names expert >= E
+    torch.manual_seed(0)
+    gate = DSelectKGate(5, E, k=2, gamma=0.1)
+    torch.nn.init.normal_(gate.z_proj.weight)
+    routing = gate(torch.randn(200, 5, dtype=torch.float32) * 1e3)
+    check_routing(routing, num_experts=E)
+    assert routing.probs.shape == (200, E)
+    torch.testing.assert_close(routing.probs.sum(dim=1), torch.ones(200))
+    assert int(routing.entries_per_token().max()) <= 2  # binary selectors: at most k
+    (routing.weight.sum() + routing.probs.sum()).backward()  # the fold path has finite grads
+    assert all(bool(torch.isfinite(p.grad).all()) for p in gate.parameters())
+
+
+@given(T=st.integers(0, 20), E=st.integers(1, 9), seed=st.integers(0, 999), data=st.data())
+def test_gate_matches_its_formula(T, E, seed, data):
+    k = data.draw(st.integers(1, E))
+    per_example = data.draw(st.booleans())
+    torch.manual_seed(seed)
+    gate = DSelectKGate(4, E, k=k, gamma=0.7, per_example=per_example, entropy_weight=0.1)
+    gate = gate.double()
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_()
+    x = torch.randn(T, 4, dtype=torch.float64)
+    routing = gate(x)
+    m = gate.num_bits
+    expected = torch.zeros(T, E, dtype=torch.float64)
+    entropy = torch.zeros(T, dtype=torch.float64)
+    for t in range(T):
+        if per_example:
+            z = (gate.z_proj(x[t])).view(k, m)
+            alpha = gate.alpha_proj(x[t])
+        else:
+            z, alpha = gate.z, gate.alpha
+        w = torch.softmax(alpha, dim=0)
+        for i in range(k):
+            r = torch.tensor(brute_force_selector(smooth_step(z[i], 0.7).tolist(), E))
+            expected[t] += w[i] * r.double()
+            entropy[t] -= (r * torch.log(r + 1e-6)).sum()
+    dense = routing.to_dense()
+    torch.testing.assert_close(dense, expected)
+    assert bool((routing.weight > 0).all())  # only the non-zero entries are kept
+    assert routing.num_entries == int((expected > 0).sum())
+    torch.testing.assert_close(dense.sum(dim=1), torch.ones(T, dtype=torch.float64))
+    if T and per_example:
+        torch.testing.assert_close(routing.aux["entropy"], 0.1 * entropy.mean())
+    if T and not per_example:
+        torch.testing.assert_close(routing.aux["entropy"], 0.1 * entropy[0])
+
+
+def test_entropy_weight_zero_switches_the_loss_off():
+    assert DSelectKGate(4, 5)(torch.randn(3, 4)).aux == {}
+    assert set(DSelectKGate(4, 5, entropy_weight=1e-3)(torch.randn(3, 4)).aux) == {"entropy"}
+
+
+# ---------------------------------------------------------------- training
+def regression_task(num_tokens, num_experts, clusters):
+    """Expert outputs F [T, E] (fixed random signals) and targets from a sparse mixture."""
+    gen = torch.Generator().manual_seed(0)
+    outputs = torch.randn(num_tokens, num_experts, generator=gen)
+    mixtures = torch.zeros(len(clusters), num_experts)
+    for c, chosen in enumerate(clusters):
+        for expert, weight in chosen.items():
+            mixtures[c, expert] = weight
+    cluster = torch.arange(num_tokens) % len(clusters)
+    target = (mixtures[cluster] * outputs).sum(dim=1)
+    return gen, outputs, mixtures[cluster], cluster, target
+
+
+def train(gate, x, outputs, target, steps, lr=0.05):
+    opt = torch.optim.Adam(gate.parameters(), lr=lr)
+    for _ in range(steps):
+        routing = gate(x)
+        loss = ((routing.to_dense() * outputs).sum(dim=1) - target).square().mean()
+        opt.zero_grad()
+        (loss + routing.aux_loss).backward()
+        opt.step()
+    return gate.eval()(x)
+
+
+def test_static_training_selects_exactly_k_experts():
+    E, k = 5, 2  # not a power of two
+    gen, outputs, mixture, _, target = regression_task(256, E, [{1: 0.7, 3: 0.3}])
+    x = torch.randn(256, 8, generator=gen)
+    torch.manual_seed(0)
+    gate = DSelectKGate(8, E, k=k, per_example=False, entropy_weight=1e-3)
+    before = gate(x)
+    assert int(before.entries_per_token()[0]) == E  # starts dense (near uniform)
+    routing = train(gate, x, outputs, target, steps=150)
+    assert torch.equal(routing.entries_per_token(), torch.full((256,), k))  # truly sparse
+    assert sorted(routing.expert[:k].tolist()) == [1, 3]
+    torch.testing.assert_close(routing.to_dense(), mixture, atol=0.02, rtol=0)
+
+
+def test_per_example_training_selects_exactly_k_experts_per_input():
+    E, k, T = 5, 2, 128
+    clusters = [{0: 0.6, 2: 0.4}, {1: 0.7, 4: 0.3}]
+    gen, outputs, mixture, cluster, target = regression_task(T, E, clusters)
+    centers = torch.zeros(2, 6)
+    centers[0, 0] = centers[1, 1] = 2.0
+    x = centers[cluster] + 0.1 * torch.randn(T, 6, generator=gen)
+    torch.manual_seed(0)
+    gate = DSelectKGate(6, E, k=k, entropy_weight=1e-2)
+    routing = train(gate, x, outputs, target, steps=120)
+    assert torch.equal(routing.entries_per_token(), torch.full((T,), k))
+    dense = routing.to_dense()
+    assert torch.equal(dense > 0, mixture > 0)  # the right experts for each input
+    torch.testing.assert_close(dense, mixture, atol=0.06, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"k": 7}, ValueError),
+        ({"gamma": 0.0}, ValueError),
+        ({"entropy_weight": -1.0}, ValueError),
+        ({"per_example": 1}, TypeError),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
+        DSelectKGate(4, 6, **kwargs)
+
+
+def test_all_codes_enumerated_once():  # the bit layout: code l has bit j = (l >> j) & 1
+    for m in (1, 2, 3):
+        for bits in itertools.product([0.0, 1.0], repeat=m):
+            r = selector_weights(torch.tensor(bits), 2**m)
+            code = sum(int(b) << j for j, b in enumerate(bits))
+            assert r.tolist() == [1.0 if c == code else 0.0 for c in range(2**m)]
