@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from routelab.routing import Routing, capacity_from_factor
+from routelab.router import check_k
+from routelab.routing import Routing, _require_int, capacity_from_factor
 
-__all__ = ["CapacityPolicy", "Policy"]
+__all__ = ["CapacityPolicy", "LossFreeBalancingPolicy", "Policy"]
 
 
 class Policy(nn.Module):
@@ -150,3 +151,79 @@ def _concat_entries(first: Routing, second: Routing) -> Routing:
         num_tokens=first.num_tokens,
         num_experts=first.num_experts,
     )
+
+
+class LossFreeBalancingPolicy(Policy):
+    """Balancing without an auxiliary loss: a per-expert selection bias (Wang, Gao, Zhao,
+    Dai & Lin 2024, Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts;
+    used by DeepSeek-V3).
+
+    Formula (``s = routing.probs [T, E]`` the router's scores, ``b [E]`` the bias)::
+
+        chosen(x) = TopK(s(x) + b, k)                          selection uses the bias
+        weight(x, i) = s_i(x) / sum_{j in chosen(x)} s_j(x)    weights use the UNBIASED s
+
+    For softmax scores the renormalised probabilities equal ``softmax`` over the chosen
+    logits (``topk_softmax_routing(..., select_logits=...)``); we renormalise the probs, so
+    the weights stay differentiable into the router through ``probs``. Each token gets
+    exactly k entries summing to 1 (uniform 1/k if all chosen scores underflow to 0).
+    After each call in training mode, with ``load_e`` the entries of expert e::
+
+        b_e += rate * sign(T * k / E - load_e)
+
+    (overloaded experts become less attractive, underloaded ones more). ``bias`` is a
+    registered buffer (saved in the ``state_dict``, not trained); eval mode leaves it
+    alone. The incoming routing's entries are replaced; its ``probs`` and ``aux`` are kept.
+    Place it before any capacity policy (it needs the router's full ``probs``).
+
+    Args:
+        num_experts: E.
+        k: experts per token, ``1 <= k <= E``.
+        rate: the bias update speed (gamma in the paper; DeepSeek-V3 uses 1e-3).
+    """
+
+    def __init__(self, num_experts: int, *, k: int = 2, rate: float = 1e-3) -> None:
+        super().__init__()
+        self.num_experts = _require_int("num_experts", num_experts, 1)
+        self.k = check_k(k, num_experts)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 0:
+            raise ValueError(f"rate must be a number >= 0, got {rate!r}")
+        self.rate = float(rate)
+        self.register_buffer("bias", torch.zeros(num_experts))
+
+    def forward(self, routing: Routing) -> Routing:
+        routing = self.check_routing_arg(routing)
+        if routing.probs is None:
+            raise ValueError(
+                "LossFreeBalancingPolicy needs routing.probs [T, E] (the router's scores); "
+                "this routing has probs=None"
+            )
+        if routing.num_experts != self.num_experts:
+            raise ValueError(
+                f"routing has num_experts = {routing.num_experts}, "
+                f"this policy was built for {self.num_experts}"
+            )
+        if routing.dropped is not None:
+            raise ValueError("LossFreeBalancingPolicy must run before any capacity policy")
+        scores = routing.probs  # [T, E]
+        biased = scores.detach() + self.bias.to(scores.dtype)
+        chosen = torch.topk(biased, self.k, dim=-1).indices  # [T, k]
+        picked = scores.gather(-1, chosen)  # unbiased scores of the chosen experts
+        total = picked.sum(dim=-1, keepdim=True)
+        positive = total > 0
+        weights = torch.where(
+            positive,
+            picked / torch.where(positive, total, torch.ones_like(total)),
+            torch.full_like(picked, 1.0 / self.k),
+        )
+        out = Routing.from_topk(chosen, weights, self.num_experts, probs=scores, aux=routing.aux)
+        if self.training and routing.num_tokens > 0 and self.rate > 0:
+            with torch.no_grad():
+                load = torch.bincount(chosen.reshape(-1), minlength=self.num_experts)
+                mean_load = routing.num_tokens * self.k / self.num_experts
+                step = torch.sign(mean_load - load.to(self.bias.dtype))
+                self.bias.add_(self.rate * step)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, k={self.k}, rate={self.rate}"
