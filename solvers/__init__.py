@@ -8,3 +8,7 @@ from solvers.partition import PartitionResult, balanced_partition, greedy_partit
 
 __all__: list[str] = []
 __all__ += ["KMeansResult", "PartitionResult", "balanced_partition", "greedy_partition", "kmeans"]
+
+from solvers.assignment import AssignmentResult, balanced_assignment  # noqa: E402
+
+__all__ += ["AssignmentResult", "balanced_assignment"]

@@ -1,0 +1,196 @@
+"""The auction algorithm for balanced assignment, and capacity-aware greedy.
+
+Both are rounds of the same vectorised step: every free token proposes to one expert, and
+each expert keeps the best ``c_e`` of its holders and new proposers (:func:`keep_best`).
+Everything is written against the small back-end in :mod:`solvers._ops`, so it runs on
+numpy arrays and on torch tensors (CPU or CUDA) with identical results.
+
+Auction (Bertsekas 1988; the transportation form of Bertsekas & Castanon 1989, experts as
+objects with ``c_e`` identical copies), Jacobi bidding with epsilon scaling:
+
+- token t, unassigned, values expert e at ``v_te = S_te - p_e``; it bids for its best
+  expert ``j`` the amount ``b_t = p_j + (w1 - w2) + eps`` (w1, w2 the best and second-best
+  values), i.e. the price at which it would be indifferent, plus eps;
+- expert e keeps its ``c_e`` highest bids (ties: lower token id); the rest are free again;
+  once full, its price is its lowest held bid, so prices never fall;
+- on termination every token is within eps of its best value (eps-complementary slackness),
+  hence ``D(p) - objective <= T * eps`` (experts with spare capacity keep price 0).
+
+Epsilon scaling runs phases with eps divided by ``factor`` each time, keeping the prices
+and the tokens still eps-optimal, and stops early as soon as the certified gap
+``D(p) - objective`` is within the tolerance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from solvers._duals import dual_value, objective_value
+
+__all__ = ["auction", "greedy", "keep_best"]
+
+
+def keep_best(ops: Any, tok: Any, exp: Any, key: Any, cap: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """For candidates ``(tok, exp, key)``, keep the ``cap[exp]`` best keys per expert.
+
+    Order within an expert: key descending, then token id ascending (strict, deterministic).
+    Returns the candidates sorted that way, ``keep`` (bool) and ``last`` (bool: the kept
+    candidate of rank ``cap - 1``, the weakest one of a full expert).
+    """
+    order = ops.order_by(exp, key, tok)
+    tok, exp, key = tok[order], exp[order], key[order]
+    rank = ops.group_rank(exp)
+    limit = cap[exp]
+    return tok, exp, key, rank < limit, rank == limit - 1
+
+
+def _propose(
+    ops: Any, owner: Any, held: Any, load: Any, weakest: Any, cap: Any, tok: Any, exp: Any, key: Any
+) -> None:
+    """One round of proposals ``tok -> exp`` with strength ``key``; updates the state in place.
+
+    ``owner [T]`` (-1 free), ``held [T]`` (the key each holder won with), ``load [E]``,
+    ``weakest [E]`` (lowest held key; +inf for an empty expert).
+    """
+    E = cap.shape[0]
+    counts = ops.bincount(exp, E)
+    contested = counts > cap - load
+    c_tok = contested[exp]
+    free_tok = ~c_tok
+    if ops.any(free_tok):  # room for every proposer: accept them all
+        t, e, k = tok[free_tok], exp[free_tok], key[free_tok]
+        owner[t] = e
+        held[t] = k
+        load += ops.bincount(e, E)
+        ops.scatter_min_(weakest, e, k)
+    if ops.any(c_tok):  # merge holders and proposers of the contested experts
+        holders = ops.nonzero((owner >= 0) & contested[ops.clip_min(owner, 0)])
+        t = ops.cat(holders, tok[c_tok])
+        e = ops.cat(owner[holders], exp[c_tok])
+        k = ops.cat(held[holders], key[c_tok])
+        t, e, k, keep, last = keep_best(ops, t, e, k, cap)
+        owner[t[~keep]] = -1
+        owner[t[keep]] = e[keep]
+        held[t[keep]] = k[keep]
+        weakest[e[last]] = k[last]
+        load[contested] = cap[contested]
+
+
+def auction(
+    ops: Any,
+    S: Any,
+    cap: Any,
+    *,
+    tol: float,
+    eps_start: float,
+    eps_min: float,
+    factor: float,
+    switch: int = 0,
+    S_host: Any = None,
+    cap_host: Any = None,
+) -> tuple[Any, Any, int, int]:
+    """Epsilon-scaled Jacobi auction on float64 ``S [T, E]`` with capacities ``cap [E]``.
+
+    Stops after the phase whose certified gap ``D(p) - objective`` is ``<= tol`` (absolute),
+    or after the phase with ``eps <= eps_min``. Returns ``(assignment, prices, rounds,
+    phases)``, where ``rounds`` counts bidding rounds plus augmenting paths.
+
+    The tail of a phase (a few free tokens chasing the last free slots through long chains
+    of displacements, one per round) is cut short: once at most ``switch`` tokens are free,
+    the phase is finished by shortest augmenting paths (:func:`solvers._exact.finish` with
+    ``delta = eps``, on the numpy copies ``S_host``, ``cap_host``), which keeps
+    eps-complementary slackness.
+    """
+    T, E = S.shape
+    owner = ops.full_int(T, -1)
+    held = ops.full(T, 0.0)
+    load = ops.full_int(E, 0)
+    weakest = ops.full(E, ops.inf)
+    p = ops.full(E, 0.0)
+    rows_all = ops.arange(T)
+    eps = eps_start
+    rounds = phases = 0
+    while True:
+        phases += 1
+        while True:
+            free = ops.nonzero(owner < 0)
+            if free.shape[0] == 0:
+                break
+            if free.shape[0] <= switch and S_host is not None:
+                owner, p, held, aug = _finish_phase(ops, S_host, cap_host, p, owner, eps)
+                rounds += aug
+                load = ops.bincount(owner, E)
+                weakest = ops.full(E, ops.inf)
+                ops.scatter_min_(weakest, owner, held)
+                continue
+            rounds += 1
+            v = S[free] - p
+            j1, w1, w2 = ops.top2(v)
+            bid = p[j1] + (w1 - w2) + eps
+            _propose(ops, owner, held, load, weakest, cap, free, j1, bid)
+            p = ops.where(load == cap, weakest, p)
+        v = S - p
+        best = ops.row_max(v)
+        mine = v[rows_all, owner]
+        gap = (ops.sum(best) + ops.sum(cap * p)) - ops.sum(mine + p[owner])
+        if gap <= tol or eps <= eps_min:
+            return owner, p, rounds, phases
+        eps = max(eps / factor, eps_min)
+        bad = mine < best - eps  # no longer eps-optimal: bid again
+        if ops.any(bad):
+            owner[bad] = -1
+            kept = owner >= 0
+            load = ops.bincount(owner[kept], E)
+            weakest = ops.full(E, ops.inf)
+            ops.scatter_min_(weakest, owner[kept], held[kept])
+
+
+def _finish_phase(ops: Any, S_host: Any, cap_host: Any, p: Any, owner: Any, eps: float):
+    from solvers._exact import finish
+
+    own, p_host, aug = finish(
+        S_host, cap_host, ops.to_numpy(p).copy(), ops.to_numpy(owner).copy(), eps
+    )
+    owner = ops.from_numpy(own, owner)
+    p = ops.from_numpy(p_host, p)
+    held = p[owner]  # holders now sit at their expert's price: the first to give way
+    return owner, p, held, aug
+
+
+def greedy(ops: Any, S: Any, cap: Any) -> tuple[Any, int]:
+    """Capacity-aware greedy by descending score; returns ``(assignment, rounds)``.
+
+    Sequential greedy takes the entries ``(t, e)`` in the strict order (score descending,
+    token ascending, expert ascending) and assigns t to e when t is free and e has room. It
+    equals the stable matching of token-proposing deferred acceptance under that same order
+    (preferences from common pair weights have a unique stable matching), which is what is
+    computed here in at most E vectorised rounds: every free token proposes to its next
+    expert in its own order, every expert keeps its best ``c_e`` proposers.
+    """
+    T, E = S.shape
+    owner = ops.full_int(T, -1)
+    held = ops.full(T, 0.0)
+    load = ops.full_int(E, 0)
+    weakest = ops.full(E, ops.inf)
+    prefs = ops.argsort_rows_desc(S)  # [T, E]
+    nxt = ops.full_int(T, 0)
+    rounds = 0
+    while True:
+        free = ops.nonzero(owner < 0)
+        if free.shape[0] == 0:
+            return owner, rounds
+        rounds += 1
+        exp = prefs[free, nxt[free]]
+        nxt[free] += 1
+        _propose(ops, owner, held, load, weakest, cap, free, exp, S[free, exp])
+
+
+def duals_for(ops: Any, S: Any, cap: Any, owner: Any, candidates: list[Any]) -> tuple[Any, float]:
+    """The candidate prices with the lowest dual bound; returns ``(prices, gap_bound)``."""
+    obj = objective_value(ops, S, owner)
+    best_p, best_gap = None, float("inf")
+    for p in candidates:
+        gap = dual_value(ops, S, cap, p) - obj
+        if gap < best_gap:
+            best_p, best_gap = p, gap
+    return best_p, max(best_gap, 0.0)

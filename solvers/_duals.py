@@ -1,0 +1,95 @@
+"""The dual of balanced assignment and certificates built from it.
+
+Primal: maximise ``sum_t S[t, a_t]`` over assignments ``a`` with ``load_e(a) <= c_e``.
+Dual (only E variables, the expert prices p)::
+
+    D(p) = sum_t max_e (S[t, e] - p_e) + sum_e c_e p_e  >=  OPT
+
+for every p when ``sum(c) == T`` and for every ``p >= 0`` when ``sum(c) > T`` (weak LP
+duality for the transportation problem). ``D(p) - objective`` is therefore a certified
+upper bound on the optimality gap of any assignment.
+
+The exchange graph of an assignment has one node per expert and the arc ``a -> b`` of
+cost ``M[a, b] = min_{t in a} (S[t, a] - S[t, b])`` (the score lost by moving the best
+candidate token from a to b); an expert with spare capacity also gets 0-cost arcs to every
+expert (a slack unit can move anywhere). The assignment is optimal iff this graph has no
+negative cycle, and then ``p = -dist`` (shortest distances from a virtual root) are prices
+satisfying complementary slackness, so ``D(p) == objective``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["dual_value", "exchange_costs", "objective_value", "prices_from_assignment"]
+
+
+def dual_value(ops: Any, S: Any, cap: Any, p: Any) -> float:
+    """``D(p) = sum_t max_e (S[t, e] - p_e) + sum_e c_e p_e`` (valid bound: see module doc)."""
+    if S.shape[0] == 0:
+        return float(ops.sum(cap * p)) if S.shape[1] else 0.0
+    return ops.sum(ops.row_max(S - p)) + ops.sum(cap * p)
+
+
+def objective_value(ops: Any, S: Any, assignment: Any) -> float:
+    """``sum_t S[t, a_t]``."""
+    if S.shape[0] == 0:
+        return 0.0
+    return ops.sum(S[ops.arange(S.shape[0]), assignment])
+
+
+def exchange_costs(
+    S: np.ndarray, cap: np.ndarray | None, assignment: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``M [E, E]`` and the arg-min token ``W [E, E]`` of the exchange graph (module doc).
+
+    ``M[a, b] = min_{t: a_t = a} (S[t, a] - S[t, b])`` (inf where a is empty), lowered to 0
+    where expert a has spare capacity (``W = -1`` marks a slack move; skipped when ``cap`` is
+    None). The diagonal is inf.
+    """
+    T, E = S.shape
+    M = np.full((E, E), np.inf)
+    W = np.full((E, E), -1, dtype=np.int64)
+    if T:
+        order = np.argsort(assignment, kind="stable")
+        a_sorted = assignment[order]
+        diff = S[order, a_sorted][:, None] - S[order]  # [T, E]
+        starts = np.flatnonzero(np.r_[True, a_sorted[1:] != a_sorted[:-1]])
+        experts = a_sorted[starts]
+        M[experts] = np.minimum.reduceat(diff, starts, axis=0)
+        # arg-min token per (group, column): first position attaining the minimum
+        group_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, T]))
+        hit = diff == M[experts][group_of]
+        pos = np.where(hit, np.arange(T)[:, None], T)
+        first = np.minimum.reduceat(pos, starts, axis=0)
+        W[experts] = order[np.minimum(first, T - 1)]
+    if cap is not None:
+        load = np.bincount(assignment, minlength=E) if T else np.zeros(E, dtype=np.int64)
+        lower = (load < cap)[:, None] & (M > 0)
+        M = np.where(lower, 0.0, M)
+        W = np.where(lower, -1, W)
+    np.fill_diagonal(M, np.inf)
+    return M, W
+
+
+def prices_from_assignment(
+    S: np.ndarray, cap: np.ndarray, assignment: np.ndarray, *, max_iter: int | None = None
+) -> np.ndarray:
+    """Expert prices for an assignment: ``-`` Bellman-Ford distances in its exchange graph.
+
+    For an optimal assignment they satisfy complementary slackness (``D(p) = objective``);
+    for any other they are still valid prices (the bound is then just looser). Shifted so
+    that ``min(p) = 0`` (so ``p >= 0``, as the dual needs when ``sum(c) > T``).
+    """
+    E = S.shape[1]
+    M, _ = exchange_costs(S, cap, assignment)
+    dist = np.zeros(E)
+    for _ in range(max_iter if max_iter is not None else E + 1):
+        new = np.minimum(dist, (dist[:, None] + M).min(axis=0))
+        if np.array_equal(new, dist):
+            break
+        dist = new
+    p = -dist
+    return p - p.min()

@@ -1,0 +1,193 @@
+"""Array back-ends for the vectorised solvers: the same algorithm runs on numpy arrays or on
+torch tensors (CPU or CUDA) through this small set of primitives.
+
+Every primitive is exact (elementwise arithmetic, max / min, stable sorts with explicit
+tie keys), so the numpy and the torch path return identical assignments and prices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["NumpyOps", "TorchOps", "ops_for"]
+
+
+class NumpyOps:
+    """numpy implementations (float64 scores, int64 indices)."""
+
+    name = "numpy"
+
+    def __init__(self) -> None:
+        self.inf = np.inf
+
+    # construction -----------------------------------------------------------------
+    def full(self, n: int, value: float) -> Any:
+        return np.full(n, value, dtype=np.float64)
+
+    def full_int(self, n: int, value: int) -> Any:
+        return np.full(n, value, dtype=np.int64)
+
+    def arange(self, n: int) -> Any:
+        return np.arange(n, dtype=np.int64)
+
+    def as_int(self, x: Any) -> Any:
+        return np.asarray(x, dtype=np.int64)
+
+    def as_float(self, x: Any) -> Any:
+        return np.asarray(x, dtype=np.float64)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def from_numpy(self, x: np.ndarray, like: Any) -> Any:
+        return x
+
+    # reductions -------------------------------------------------------------------
+    def top2(self, v: Any) -> tuple[Any, Any, Any]:
+        """Row-wise best index (lowest on ties), best value and second-best value of ``v [n, E]``."""
+        j1 = v.argmax(axis=1)
+        rows = np.arange(v.shape[0])
+        w1 = v[rows, j1]
+        v[rows, j1] = -np.inf  # v is a scratch copy owned by the caller
+        w2 = v.max(axis=1)
+        return j1, w1, w2
+
+    def row_max(self, v: Any) -> Any:
+        return v.max(axis=1)
+
+    def argmax_rows(self, v: Any) -> Any:
+        return v.argmax(axis=1)
+
+    def bincount(self, x: Any, n: int) -> Any:
+        return np.bincount(x, minlength=n).astype(np.int64)
+
+    def scatter_min_(self, target: Any, idx: Any, values: Any) -> None:
+        np.minimum.at(target, idx, values)
+
+    def nonzero(self, mask: Any) -> Any:
+        return np.flatnonzero(mask)
+
+    def any(self, mask: Any) -> bool:
+        return bool(mask.any())
+
+    def sum(self, x: Any) -> float:
+        return float(x.sum())
+
+    def cat(self, *xs: Any) -> Any:
+        return np.concatenate(xs)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return np.where(cond, a, b)
+
+    def clip_min(self, x: Any, lo: int) -> Any:
+        return np.maximum(x, lo)
+
+    # sorting ----------------------------------------------------------------------
+    def order_by(self, group: Any, key: Any, tie: Any) -> Any:
+        """Permutation sorting by ``group`` ascending, then ``key`` descending, then ``tie``
+        ascending (a strict total order when ``tie`` is unique)."""
+        return np.lexsort((tie, -key, group))
+
+    def group_rank(self, sorted_group: Any) -> Any:
+        """Position of each element within its run of equal values in a sorted array."""
+        start = np.searchsorted(sorted_group, sorted_group, side="left")
+        return np.arange(sorted_group.shape[0], dtype=np.int64) - start
+
+    def argsort_rows_desc(self, v: Any) -> Any:
+        """Row-wise order by descending value, lowest column first on ties."""
+        return np.argsort(-v, axis=1, kind="stable")
+
+
+class TorchOps:
+    """torch implementations on the scores' device (float64 scores, int64 indices)."""
+
+    name = "torch"
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.inf = float("inf")
+
+    def full(self, n: int, value: float) -> Any:
+        return self.torch.full((n,), value, dtype=self.torch.float64, device=self.device)
+
+    def full_int(self, n: int, value: int) -> Any:
+        return self.torch.full((n,), value, dtype=self.torch.int64, device=self.device)
+
+    def arange(self, n: int) -> Any:
+        return self.torch.arange(n, dtype=self.torch.int64, device=self.device)
+
+    def as_int(self, x: Any) -> Any:
+        return self.torch.as_tensor(np.asarray(x), dtype=self.torch.int64, device=self.device)
+
+    def as_float(self, x: Any) -> Any:
+        return self.torch.as_tensor(x, dtype=self.torch.float64, device=self.device)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return x.detach().cpu().numpy()
+
+    def from_numpy(self, x: np.ndarray, like: Any) -> Any:
+        return self.torch.as_tensor(x, device=self.device)
+
+    def top2(self, v: Any) -> tuple[Any, Any, Any]:
+        j1 = v.argmax(dim=1)
+        rows = self.torch.arange(v.shape[0], device=v.device)
+        w1 = v[rows, j1]
+        v[rows, j1] = -self.inf
+        w2 = v.max(dim=1).values
+        return j1, w1, w2
+
+    def row_max(self, v: Any) -> Any:
+        return v.max(dim=1).values
+
+    def argmax_rows(self, v: Any) -> Any:
+        return v.argmax(dim=1)
+
+    def bincount(self, x: Any, n: int) -> Any:
+        return self.torch.bincount(x, minlength=n).long()
+
+    def scatter_min_(self, target: Any, idx: Any, values: Any) -> None:
+        target.scatter_reduce_(0, idx, values, reduce="amin", include_self=True)
+
+    def nonzero(self, mask: Any) -> Any:
+        return self.torch.nonzero(mask).flatten()
+
+    def any(self, mask: Any) -> bool:
+        return bool(mask.any())
+
+    def sum(self, x: Any) -> float:
+        return float(x.sum())
+
+    def cat(self, *xs: Any) -> Any:
+        return self.torch.cat(xs)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return self.torch.where(cond, a, b)
+
+    def clip_min(self, x: Any, lo: int) -> Any:
+        return x.clamp_min(lo)
+
+    def order_by(self, group: Any, key: Any, tie: Any) -> Any:
+        torch = self.torch
+        order = torch.argsort(tie, stable=True)
+        order = order[torch.argsort(-key[order], stable=True)]
+        return order[torch.argsort(group[order], stable=True)]
+
+    def group_rank(self, sorted_group: Any) -> Any:
+        torch = self.torch
+        start = torch.searchsorted(sorted_group, sorted_group, right=False)
+        return torch.arange(sorted_group.shape[0], device=sorted_group.device) - start
+
+    def argsort_rows_desc(self, v: Any) -> Any:
+        return self.torch.argsort(-v, dim=1, stable=True)
+
+
+def ops_for(scores: Any) -> NumpyOps | TorchOps:
+    """The back-end matching the type of ``scores`` (numpy array or torch tensor)."""
+    if isinstance(scores, np.ndarray):
+        return NumpyOps()
+    return TorchOps(scores.device)
