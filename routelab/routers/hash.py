@@ -249,7 +249,47 @@ def dispersed_table(
         emptiest = np.argsort(loads, kind="stable")[: members.shape[0]]
         table[members] = emptiest
         loads[emptiest] += w[members]
+    _swap_within_clusters(table, labels, w, loads, max_iter=4 * V)
     return torch.from_numpy(table)
+
+
+def _swap_within_clusters(
+    table: np.ndarray, labels: np.ndarray, w: np.ndarray, loads: np.ndarray, max_iter: int
+) -> None:
+    """Local improvement that keeps every cluster's per-expert counts: swap the experts
+    of two tokens of the same cluster, one on a most-loaded expert, when that lowers it
+    without raising the other expert to its old level (in place; deterministic)."""
+    eps = 1e-12 * max(float(w.sum()), 1.0)
+    bound = max(float(w.sum()) / loads.shape[0], float(w.max(initial=0.0)))
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(labels))])
+    members = [order[starts[c] : starts[c + 1]] for c in range(starts.shape[0] - 1)]
+    for _ in range(max_iter):
+        top = int(np.argmax(loads))
+        if loads[top] <= bound + eps:
+            return  # optimal: no table does better
+        on_top = np.flatnonzero(table == top)
+        best = None  # (pair max, a, b)
+        for c in np.unique(labels[on_top]).tolist():
+            a = on_top[labels[on_top] == c]
+            b = members[c][table[members[c]] != top]
+            if b.size == 0:
+                continue
+            delta = w[a][:, None] - w[b][None, :]  # [|a|, |b|]
+            gap = loads[top] - loads[table[b]][None, :]
+            pair_max = np.maximum(loads[top] - delta, loads[table[b]][None, :] + delta)
+            pair_max = np.where((delta > eps) & (delta < gap - eps), pair_max, np.inf)
+            i, j = np.unravel_index(int(np.argmin(pair_max)), pair_max.shape)
+            if np.isfinite(pair_max[i, j]) and (best is None or pair_max[i, j] < best[0]):
+                best = (float(pair_max[i, j]), int(a[i]), int(b[j]))
+        if best is None:
+            return
+        _, a_tok, b_tok = best
+        other = int(table[b_tok])
+        table[a_tok], table[b_tok] = other, top
+        moved = w[a_tok] - w[b_tok]
+        loads[top] -= moved
+        loads[other] += moved
 
 
 def _as_token_stream(token_ids: object) -> Tensor:
