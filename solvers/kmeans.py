@@ -58,9 +58,16 @@ def _sq_dist(x: np.ndarray, x_sq: np.ndarray, centers: np.ndarray) -> np.ndarray
 
 
 def _nearest(x: np.ndarray, x_sq: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d = _sq_dist(x, x_sq, centers)
-    labels = np.argmin(d, axis=1)
-    return labels.astype(np.int64), d[np.arange(x.shape[0]), labels]
+    """Nearest centre of each row and its squared distance.
+
+    ``argmin_c ||x - c||^2 = argmin_c (||c||^2 - 2 x.c)``: the row norm is added only
+    to the chosen distance, which saves passes over the ``[n, k]`` matrix.
+    """
+    scores = x @ (-2.0 * centers.T)
+    scores += (centers * centers).sum(1)[None, :]
+    labels = np.argmin(scores, axis=1)
+    dist = np.maximum(x_sq + scores[np.arange(x.shape[0]), labels], 0.0)
+    return labels.astype(np.int64), dist
 
 
 def _final_labels(x: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -42,6 +42,9 @@ the dtype of x, ``probs`` None. Routing a batch is one gather ``table[:, token_i
 
 Token ids outside ``[0, V)``: a ValueError by default; ``out_of_range="modulo"``
 folds them into the table with ``id mod V`` (Python/torch modulo, non-negative).
+The range check costs a host sync; under ``routelab.validation(False)`` it is skipped
+and a bad id fails inside the gather instead (IndexError on CPU, a device assert on
+CUDA). Missing ``token_ids``: a ValueError.
 """
 
 from __future__ import annotations
