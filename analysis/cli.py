@@ -34,6 +34,93 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace):
+    from analysis.compare import CompareSettings
+
+    settings = CompareSettings.quick_settings(args.seed) if args.quick else CompareSettings()
+    settings.seed = args.seed
+    for name in ("steps", "d_model", "num_experts", "batch_size", "lr"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
+    if settings.steps < 1:
+        raise SystemExit(f"routelab: --steps must be >= 1, got {settings.steps}")
+    return settings
+
+
+def _threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Train a small model per router on real data; write report.md, metrics.json, PNGs."""
+    from analysis.compare import compare, results_table
+    from analysis.data import DATASETS
+
+    _threads(args)
+    datasets = DATASETS if args.dataset == "all" else (args.dataset,)
+    routers = [r for r in args.routers.split(",") if r] if args.routers else None
+    results = compare(
+        args.out,
+        routers=routers,
+        datasets=datasets,
+        settings=_settings(args),
+        progress=not args.no_progress,
+    )
+    for name, rows in results.items():
+        print(f"\n## {name}\n")
+        print(results_table(rows))
+    print(f"\nreport: {args.out}/report.md")
+    return 0
+
+
+def _parse_grid(specs: list[str]) -> dict[str, list[float]]:
+    grid: dict[str, list[float]] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        if not sep or not name or not values:
+            raise SystemExit(f"routelab: --grid takes option=v1,v2,...; got {spec!r}")
+        try:
+            grid[name] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise SystemExit(f"routelab: --grid values must be numbers, got {spec!r}") from None
+    return grid
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """A grid over loss coefficients; the balance table of every cell."""
+    from analysis.compare import sweep
+
+    _threads(args)
+    grid = _parse_grid(args.grid) if args.grid else None
+    sweep(
+        args.out,
+        router=args.router,
+        grid=grid,
+        dataset=args.dataset,
+        settings=_settings(args),
+        progress=not args.no_progress,
+    )
+    print((__import__("pathlib").Path(args.out) / "sweep.md").read_text())
+    return 0
+
+
+def _training_options(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--out", default=out, help=f"report folder (default {out})")
+    p.add_argument("--steps", type=int, default=None, help="training steps per router (300)")
+    p.add_argument("--d-model", dest="d_model", type=int, default=None, help="width d (32)")
+    p.add_argument("--experts", dest="num_experts", type=int, default=None, help="E (8)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="(256)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (3e-3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (tests)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="routelab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +132,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--capacity-factor", type=float, default=1.25)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    from analysis.registry import REGISTRY
+
+    cmp = sub.add_parser(
+        "compare",
+        help="train a small MoE model per router on real data; write a report folder",
+        description="Routers: " + ", ".join(REGISTRY),
+    )
+    cmp.add_argument(
+        "--routers", default=None, help="comma-separated router names (default: all available)"
+    )
+    cmp.add_argument("--dataset", choices=("all", "tokens", "digits"), default="all")
+    _training_options(cmp, "routelab-report")
+    cmp.set_defaults(func=_compare)
+
+    swp = sub.add_parser("sweep", help="grid over loss coefficients; balance table per cell")
+    swp.add_argument("--router", default="noisy-top2", help="router name (noisy-top2)")
+    swp.add_argument(
+        "--grid",
+        action="append",
+        default=None,
+        help="option=v1,v2,... (repeat for a second axis; default "
+        "importance_weight and load_weight over 0,0.01,0.1,1)",
+    )
+    swp.add_argument("--dataset", choices=("tokens", "digits"), default="digits")
+    _training_options(swp, "routelab-sweep")
+    swp.set_defaults(func=_sweep)
     return parser
 
 

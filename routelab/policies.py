@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from routelab.router import check_k
 from routelab.routing import Routing, _require_int, capacity_from_factor
 
-__all__ = ["CapacityPolicy", "LossFreeBalancingPolicy", "Policy"]
+__all__ = ["CapacityPolicy", "LossFreeBalancingPolicy", "PausingPolicy", "Policy"]
 
 
 class Policy(nn.Module):
@@ -151,6 +151,123 @@ def _concat_entries(first: Routing, second: Routing) -> Routing:
         num_tokens=first.num_tokens,
         num_experts=first.num_experts,
     )
+
+
+class PausingPolicy(Policy):
+    """Pause over-assigned experts (Eigen, Ranzato and Sutskever 2013, Deep MoE).
+
+    Keeps each expert's running total assignment ``A_e`` (a buffer ``totals [E]``: the
+    number of entries the expert has received in training, after this policy) and,
+    before routing a training batch, pauses every expert whose total exceeds the mean
+    by a relative margin::
+
+        paused_e  <=>  A_e > mean_j(A_j) * (1 + margin)
+
+    A paused expert receives no tokens. Its entries are
+
+    - re-routed (``reroute=True`` and the routing has ``probs``): each moves to the
+      token's most probable expert that is neither paused nor already chosen by that
+      token, keeping its combine weight (so a top-k token keeps k entries summing to 1);
+      an entry with no such expert left is dropped;
+    - dropped otherwise, and recorded in ``routing.dropped`` like a capacity policy's
+      overflow (the token passes through the residual).
+
+    A paused expert's total stops growing while the mean grows, so it is released as
+    soon as ``A_e <= mean * (1 + margin)`` again. Since the mean never exceeds the
+    largest total, at least one expert is always unpaused. In eval mode the policy
+    passes the routing through unchanged (the paper uses the constraint in training
+    only) unless ``active_in_eval``; totals are updated in training only.
+    ``paused`` (a bool buffer ``[E]``) holds the set used on the last batch.
+
+    Args:
+        num_experts: E.
+        margin: relative margin >= 0 above the mean total.
+        reroute: re-route a paused expert's entries where probs exist (else drop them).
+        active_in_eval: also pause (with frozen totals) in eval mode.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        *,
+        margin: float = 0.1,
+        reroute: bool = True,
+        active_in_eval: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+            raise ValueError(f"margin must be a number >= 0, got {margin!r}")
+        self.num_experts = num_experts
+        self.margin = float(margin)
+        self.reroute = bool(reroute)
+        self.active_in_eval = bool(active_in_eval)
+        self.register_buffer("totals", torch.zeros(num_experts, dtype=torch.float64))
+        self.register_buffer("paused", torch.zeros(num_experts, dtype=torch.bool))
+
+    def paused_experts(self) -> Tensor:
+        """bool ``[E]``: the experts the current totals pause."""
+        return self.totals > self.totals.mean() * (1.0 + self.margin)
+
+    def forward(self, routing: Routing) -> Routing:
+        routing = self.check_routing_arg(routing)
+        if routing.num_experts != self.num_experts:
+            raise ValueError(
+                f"routing has num_experts = {routing.num_experts}, policy has {self.num_experts}"
+            )
+        if not self.training and not self.active_in_eval:
+            return routing
+        paused = self.paused_experts()
+        self.paused.copy_(paused)
+        paused = paused.to(routing.device)
+        hit = paused[routing.expert]
+        expert = routing.expert
+        keep = ~hit
+        if self.reroute and routing.probs is not None and bool(hit.any()):
+            expert, moved = _reroute(routing, paused, hit)
+            keep = keep | moved
+        out = routing.select(keep)
+        out.expert = expert[keep]
+        if bool((~keep).any()):
+            dropped = routing.select(~keep)
+            dropped.dropped, dropped.capacity = None, None
+            if routing.dropped is not None:
+                dropped = _concat_entries(routing.dropped, dropped)
+            out.dropped = dropped
+        if self.training:
+            self.totals += out.load().to(self.totals)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, margin={self.margin}, reroute={self.reroute}"
+
+
+def _reroute(routing: Routing, paused: Tensor, hit: Tensor) -> tuple[Tensor, Tensor]:
+    """Move the ``hit`` entries to each token's best free expert by ``probs``.
+
+    Returns the new ``expert [N]`` and a bool ``[N]`` of the hit entries that found a
+    free expert (not paused, not already chosen by the token; distinct per token).
+    """
+    assert routing.probs is not None
+    T, E = routing.num_tokens, routing.num_experts
+    blocked = paused.unsqueeze(0).expand(T, E).clone()
+    blocked[routing.token, routing.expert] = True
+    scores = routing.probs.detach().masked_fill(blocked, float("-inf"))
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)  # [T, E]
+    free = (~blocked).sum(1)  # [T]
+    idx = torch.nonzero(hit).squeeze(1)
+    idx = idx[torch.argsort(routing.token[idx], stable=True)]
+    tokens = routing.token[idx]
+    counts = torch.bincount(tokens, minlength=T)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(idx.shape[0], device=idx.device) - starts[tokens]
+    ok = rank < free[tokens]
+    expert = routing.expert.clone()
+    expert[idx[ok]] = order[tokens[ok], rank[ok]]
+    moved = torch.zeros_like(hit)
+    moved[idx[ok]] = True
+    return expert, moved
 
 
 class LossFreeBalancingPolicy(Policy):

@@ -1,0 +1,186 @@
+"""PNG plots of routing statistics (matplotlib, Agg canvas: no display needed).
+
+Every function draws one figure and writes it to ``path`` (parent folders are
+created) and returns the path. Figures are drawn on a ``FigureCanvasAgg`` directly,
+so the global matplotlib backend is left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+__all__ = [
+    "plot_coactivation",
+    "plot_cv_over_steps",
+    "plot_heatmap",
+    "plot_heatmap_grid",
+    "plot_load",
+]
+
+
+def _array(name: str, values: object, ndim: int) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().double().numpy()
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    return arr
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def plot_load(
+    loads: Mapping[str, object] | object, path: str | Path, *, title: str = "Load per expert"
+) -> Path:
+    """Bar chart of the load per expert; ``loads`` is ``[E]`` or ``{name: [E]}`` (grouped).
+
+    Loads are shown relative to the mean (1 = perfectly even) so routers with
+    different k compare on one axis.
+    """
+    series = dict(loads) if isinstance(loads, Mapping) else {"load": loads}
+    if not series:
+        raise ValueError("loads must hold at least one load vector")
+    arrays = {name: _array(f"loads[{name!r}]", v, 1) for name, v in series.items()}
+    num = len(arrays)
+    fig = Figure(figsize=(max(6.0, 0.25 * num * max(len(a) for a in arrays.values())), 3.6))
+    ax = fig.add_subplot()
+    width = 0.8 / num
+    for i, (name, arr) in enumerate(arrays.items()):
+        mean = arr.mean() if arr.size and arr.mean() > 0 else 1.0
+        x = np.arange(arr.size) + (i - (num - 1) / 2) * width
+        ax.bar(x, arr / mean, width=width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("load / mean load")
+    ax.set_title(title)
+    if num > 1:
+        ax.legend(fontsize=7, ncol=min(4, num))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_cv_over_steps(
+    curves: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    steps: Sequence[int] | None = None,
+    title: str = "CV(load) over training",
+    ylabel: str = "CV(load)",
+) -> Path:
+    """One line per router: ``{name: [value per step]}`` (e.g. CV of the load)."""
+    if not curves:
+        raise ValueError("curves must hold at least one series")
+    fig = Figure(figsize=(7.0, 4.0))
+    ax = fig.add_subplot()
+    for name, values in curves.items():
+        arr = _array(f"curves[{name!r}]", list(values), 1)
+        x = np.arange(arr.size) if steps is None else np.asarray(steps)[: arr.size]
+        ax.plot(x, arr, label=name, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_heatmap(
+    table: object,
+    path: str | Path,
+    *,
+    title: str = "Expert x label",
+    xlabel: str = "label",
+    ylabel: str = "expert",
+    normalise: str | None = "row",
+    xticklabels: Sequence[str] | None = None,
+) -> Path:
+    """Heatmap of a count table ``[rows, cols]``.
+
+    ``normalise``: ``"row"`` (each row sums to 1: what each expert receives),
+    ``"column"``, or None (raw counts).
+    """
+    arr = _array("table", table, 2)
+    shown = _normalise(arr, normalise)
+    rows, cols = arr.shape
+    fig = Figure(figsize=(min(12.0, 2.0 + 0.45 * cols), min(10.0, 1.5 + 0.35 * rows)))
+    ax = fig.add_subplot()
+    image = ax.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="share" if normalise else "count")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if cols <= 32:
+        ax.set_xticks(range(cols))
+        if xticklabels is not None:
+            ax.set_xticklabels(list(xticklabels), fontsize=7)
+    if rows <= 32:
+        ax.set_yticks(range(rows))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _normalise(arr: np.ndarray, normalise: str | None) -> np.ndarray:
+    if normalise not in ("row", "column", None):
+        raise ValueError(f"normalise must be 'row', 'column' or None, got {normalise!r}")
+    if normalise == "row":
+        return arr / np.maximum(arr.sum(1, keepdims=True), 1e-12)
+    if normalise == "column":
+        return arr / np.maximum(arr.sum(0, keepdims=True), 1e-12)
+    return arr
+
+
+def plot_heatmap_grid(
+    tables: Mapping[str, object],
+    path: str | Path,
+    *,
+    title: str = "Expert x label",
+    xlabel: str = "label",
+    ylabel: str = "expert",
+    normalise: str | None = "row",
+    columns: int = 4,
+) -> Path:
+    """Small multiples: one heatmap per ``{name: table [rows, cols]}`` on a shared scale."""
+    if not tables:
+        raise ValueError("tables must hold at least one table")
+    arrays = {n: _normalise(_array(f"tables[{n!r}]", t, 2), normalise) for n, t in tables.items()}
+    columns = max(1, min(columns, len(arrays)))
+    rows = -(-len(arrays) // columns)
+    fig = Figure(figsize=(3.0 * columns, 2.6 * rows + 0.6))
+    vmax = max(float(a.max()) if a.size else 0.0 for a in arrays.values()) or 1.0
+    image = None
+    for i, (name, arr) in enumerate(arrays.items()):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        image = ax.imshow(arr, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=6)
+        if i % columns == 0:
+            ax.set_ylabel(ylabel, fontsize=8)
+        if i >= len(arrays) - columns:
+            ax.set_xlabel(xlabel, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes, shrink=0.6, label="share" if normalise else "count")
+    return _save(fig, path)
+
+
+def plot_coactivation(
+    table: object, path: str | Path, *, title: str = "Expert co-activation, layer 1 x layer 2"
+) -> Path:
+    """Heatmap of a cross-layer co-activation table ``[E1, E2]`` (rows normalised)."""
+    return plot_heatmap(
+        table, path, title=title, xlabel="layer-2 expert", ylabel="layer-1 expert", normalise="row"
+    )

@@ -1,0 +1,247 @@
+"""``RoutingRecorder``: streaming routing statistics of every MoE layer of a model.
+
+The recorder registers a forward hook on each :class:`routelab.MoE` inside a model
+and accumulates, per layer, counts whose size does not depend on how many tokens
+were seen:
+
+- load, importance, dropped entries and capacity slots (``O(E)``), for
+  :class:`~analysis.metrics.LoadStats` over everything seen and over the current step;
+- the expert x label table (``O(E * L)``) when labels are given with
+  :meth:`RoutingRecorder.set_labels`;
+- the co-activation table of every pair of consecutive MoE layers (``O(E1 * E2)``),
+  from the routings of one forward pass of the whole model.
+
+:meth:`RoutingRecorder.step` closes a step and appends that step's load statistics
+of every layer to :attr:`RoutingRecorder.history` (one small record per step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from analysis.metrics import LoadCounter, LoadStats
+from analysis.specialisation import Specialisation, _indicator, specialisation
+from routelab.moe import MoE
+from routelab.routing import Routing
+
+__all__ = ["RoutingRecorder"]
+
+MODES = ("train", "eval", "all")
+
+
+class _Layer:
+    """The accumulators of one MoE layer."""
+
+    def __init__(self, name: str, num_experts: int) -> None:
+        self.name = name
+        self.num_experts = num_experts
+        self.total = LoadCounter(num_experts)
+        self.current = LoadCounter(num_experts)
+        self.table: Tensor | None = None
+
+
+class RoutingRecorder:
+    """Record the routing of every MoE layer of ``model`` in streaming form.
+
+    Args:
+        model: any ``nn.Module`` containing :class:`routelab.MoE` layers (or one itself).
+        num_labels: L, the number of label values for the expert x label tables.
+        mode: record routings made in ``"train"`` mode, ``"eval"`` mode, or ``"all"``
+            (the MoE layer's ``training`` flag decides). Balanced routers such as BASE
+            balance exactly only in training, so balance is usually measured on
+            ``"train"`` routings.
+
+    Use::
+
+        recorder = RoutingRecorder(model, num_labels=10, mode="train")
+        for x, y in batches:
+            recorder.set_labels(y)        # labels [...] matching the tokens of x
+            loss = ...model(x)...
+            recorder.step()               # closes a step: history gets one record
+        recorder.stats(0).cv_load, recorder.specialisation(0).mutual_information
+        recorder.remove()                 # or use it as a context manager
+
+    Layers are named by their module path (``recorder.layer_names``) and can be
+    addressed by name or by index in model order.
+    """
+
+    def __init__(self, model: nn.Module, *, num_labels: int | None = None, mode: str = "all"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if num_labels is not None and (
+            isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
+        ):
+            raise ValueError(f"num_labels must be an int >= 1, got {num_labels!r}")
+        self.mode = mode
+        self.num_labels = num_labels
+        self._layers: list[_Layer] = []
+        self._handles: list[Any] = []
+        self._labels: Tensor | None = None
+        self._forward: dict[int, Tensor] = {}
+        self._coact: dict[tuple[int, int], Tensor] = {}
+        self.history: list[dict[str, LoadStats]] = []
+        for name, module in model.named_modules():
+            if isinstance(module, MoE):
+                index = len(self._layers)
+                self._layers.append(_Layer(name or "moe", module.num_experts))
+                self._handles.append(module.register_forward_hook(self._hook_for(index)))
+        if not self._layers:
+            raise ValueError("model contains no routelab.MoE layer to record")
+        self._handles.append(model.register_forward_pre_hook(self._begin_forward))
+        self._handles.append(model.register_forward_hook(self._end_forward))
+
+    # ------------------------------------------------------------------ hooks
+    def _hook_for(self, index: int):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if self.mode == "train" and not module.training:
+                return
+            if self.mode == "eval" and module.training:
+                return
+            routing = output.routing if hasattr(output, "routing") else output[1]
+            self.record(index, routing)
+
+        return hook
+
+    def _begin_forward(self, module: nn.Module, inputs: Any) -> None:
+        self._forward.clear()
+
+    def _end_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        for i in range(len(self._layers) - 1):
+            a, b = self._forward.get(i), self._forward.get(i + 1)
+            if a is None or b is None or a.shape[0] != b.shape[0]:
+                continue
+            pair = (a.T @ b).round().long()
+            key = (i, i + 1)
+            self._coact[key] = self._coact[key] + pair if key in self._coact else pair
+        self._forward.clear()
+
+    # ------------------------------------------------------------------ recording
+    def set_labels(self, labels: Tensor | None) -> None:
+        """Labels for the tokens of the next forward passes (any shape; flattened to [T]).
+
+        Integers in ``[0, num_labels)``; None stops recording the label tables.
+        """
+        if labels is not None:
+            if self.num_labels is None:
+                raise ValueError("give num_labels to RoutingRecorder to record label tables")
+            if not isinstance(labels, Tensor):
+                labels = torch.as_tensor(labels)
+            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+                raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+            labels = labels.reshape(-1).long().cpu()
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
+                raise ValueError(
+                    f"labels must lie in [0, {self.num_labels}), got "
+                    f"[{int(labels.min())}, {int(labels.max())}]"
+                )
+        self._labels = labels
+
+    def record(self, layer: int | str, routing: Routing) -> None:
+        """Add one routing of ``layer`` (the hooks call this; usable by hand too)."""
+        index = self._index(layer)
+        entry = self._layers[index]
+        if routing.num_experts != entry.num_experts:
+            raise ValueError(
+                f"layer {entry.name} has {entry.num_experts} experts, routing has "
+                f"{routing.num_experts}"
+            )
+        if self._labels is not None and self._labels.shape[0] != routing.num_tokens:
+            raise ValueError(
+                f"the labels cover {self._labels.shape[0]} tokens but layer {entry.name} "
+                f"routed {routing.num_tokens}; call set_labels with this batch's labels"
+            )
+        routing = routing.detach()
+        entry.total.update(routing)
+        entry.current.update(routing)
+        if self._labels is not None:
+            assert self.num_labels is not None
+            flat = routing.expert.cpu() * self.num_labels + self._labels[routing.token.cpu()]
+            counts = torch.bincount(flat, minlength=entry.num_experts * self.num_labels)
+            counts = counts.view(entry.num_experts, self.num_labels)
+            entry.table = counts if entry.table is None else entry.table + counts
+        self._forward[index] = _indicator(routing)
+
+    def step(self) -> dict[str, LoadStats]:
+        """Close the current step: append its per-layer LoadStats to :attr:`history`."""
+        record = {layer.name: layer.current.stats() for layer in self._layers}
+        for layer in self._layers:
+            layer.current.reset()
+        self.history.append(record)
+        return record
+
+    def reset(self) -> None:
+        """Forget everything recorded (the hooks stay attached)."""
+        for layer in self._layers:
+            layer.total.reset()
+            layer.current.reset()
+            layer.table = None
+        self._coact.clear()
+        self._forward.clear()
+        self.history.clear()
+
+    def remove(self) -> None:
+        """Detach every hook."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> RoutingRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------ results
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self._layers]
+
+    def _index(self, layer: int | str) -> int:
+        if isinstance(layer, str):
+            names = self.layer_names
+            if layer not in names:
+                raise KeyError(f"no MoE layer named {layer!r}; layers are {names}")
+            return names.index(layer)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer must be an int index or a name, got {layer!r}")
+        if not -len(self._layers) <= layer < len(self._layers):
+            raise IndexError(f"layer index {layer} out of range for {len(self._layers)} layers")
+        return layer % len(self._layers)
+
+    def stats(self, layer: int | str = 0) -> LoadStats:
+        """LoadStats of everything ``layer`` routed while recording."""
+        return self._layers[self._index(layer)].total.stats()
+
+    def table(self, layer: int | str = 0) -> Tensor:
+        """int64 ``[E, L]``, the expert x label counts of ``layer``."""
+        entry = self._layers[self._index(layer)]
+        if entry.table is None:
+            if self.num_labels is None:
+                raise ValueError("no labels were recorded (give num_labels and set_labels)")
+            return torch.zeros(entry.num_experts, self.num_labels, dtype=torch.int64)
+        return entry.table.clone()
+
+    def specialisation(self, layer: int | str = 0, *, top: int = 3) -> Specialisation:
+        """Specialisation of ``layer`` from its accumulated expert x label table."""
+        return specialisation(self.table(layer), top=top)
+
+    def coactivation(self, first: int | str = 0, second: int | str = 1) -> Tensor:
+        """int64 ``[E1, E2]``: co-activation counts of two consecutive layers."""
+        i, j = self._index(first), self._index(second)
+        if j != i + 1:
+            raise ValueError(f"co-activation is recorded for consecutive layers, got {i} and {j}")
+        if (i, j) in self._coact:
+            return self._coact[(i, j)].clone()
+        return torch.zeros(
+            self._layers[i].num_experts, self._layers[j].num_experts, dtype=torch.int64
+        )
+
+    def cv_history(self, layer: int | str = 0, field: str = "cv_load") -> list[float]:
+        """One value of a LoadStats field per recorded step (default CV of the load)."""
+        name = self._layers[self._index(layer)].name
+        return [float(getattr(step[name], field)) for step in self.history]

@@ -1,0 +1,112 @@
+"""Deep Mixture of Experts: stacked MoE layers (Eigen, Ranzato and Sutskever 2013).
+
+Eigen et al. stack two MoE layers, each ``z_l = sum_i g_il(z_{l-1}) f_il(z_{l-1})``
+with ReLU experts, then a classifier ``F(x) = softmax(f_3(z_2))``. Stacking gives
+``E1 * E2`` combinations of experts from ``E1 + E2`` of them ("factored
+representations"); their balancing rule is :class:`routelab.policies.PausingPolicy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from routelab.experts import FFNExperts
+from routelab.moe import MoE
+from routelab.policies import Policy
+from routelab.router import Router
+from routelab.routers.topk import TopKGate
+from routelab.routing import Routing, _require_int
+
+__all__ = ["DeepMoE", "DeepMoEOutput", "build_deep_moe"]
+
+RouterFactory = Callable[[int, int], Router]
+PolicyFactory = Callable[[int], Sequence[Policy]]
+
+
+class DeepMoEOutput(NamedTuple):
+    """``logits [..., C]``; ``routings``, one per MoE layer over the flattened inputs."""
+
+    logits: Tensor
+    routings: list[Routing]
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """The summed auxiliary losses of every layer's routing."""
+        return torch.stack([r.aux_loss.reshape(()) for r in self.routings]).sum()
+
+
+class DeepMoE(nn.Module):
+    """Stacked MoE layers with ReLU in between, then a linear classifier.
+
+    Shapes: ``x [..., in_features] -> Linear -> [..., d] -> (MoE -> ReLU) x L ->
+    Linear -> logits [..., num_classes]``. Each MoE layer is ``MoE(make_router(d, E),
+    FFNExperts(E, d, d_hidden, activation="relu"), make_policies(layer))``.
+
+    Args:
+        in_features: input size.
+        num_classes: C, the classifier's outputs.
+        d_model: d, the width of every MoE layer.
+        num_experts: E per layer.
+        num_layers: L (Eigen et al.: 2).
+        d_hidden: experts' hidden width (default ``2 * d_model``).
+        make_router: ``(d_model, num_experts) -> Router`` (default ``TopKGate(k=2)``;
+            Eigen et al. use a dense softmax gate).
+        make_policies: ``layer index -> policies`` for that layer (default none; e.g.
+            ``lambda i: [PausingPolicy(E)]`` for Eigen's balancing).
+        residual: add each MoE layer's input to its output (off, as in the paper).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        d_model: int = 64,
+        num_experts: int = 8,
+        num_layers: int = 2,
+        d_hidden: int | None = None,
+        make_router: RouterFactory | None = None,
+        make_policies: PolicyFactory | None = None,
+        residual: bool = False,
+    ) -> None:
+        super().__init__()
+        _require_int("in_features", in_features, 1)
+        _require_int("num_classes", num_classes, 1)
+        _require_int("d_model", d_model, 1)
+        _require_int("num_experts", num_experts, 1)
+        _require_int("num_layers", num_layers, 1)
+        d_hidden = 2 * d_model if d_hidden is None else _require_int("d_hidden", d_hidden, 1)
+        if make_router is None:
+
+            def make_router(d: int, e: int) -> Router:
+                return TopKGate(d, e, k=min(2, e))
+
+        self.residual = bool(residual)
+        self.embed = nn.Linear(in_features, d_model)
+        layers = []
+        for i in range(num_layers):
+            router = make_router(d_model, num_experts)
+            policies = list(make_policies(i)) if make_policies is not None else []
+            experts = FFNExperts(num_experts, d_model, d_hidden, activation="relu")
+            layers.append(MoE(router, experts, policies))
+        self.layers = nn.ModuleList(layers)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> DeepMoEOutput:
+        """``x [..., in_features]`` (``token_ids [...]`` for hash routers) -> output."""
+        h = torch.relu(self.embed(x))
+        routings = []
+        for layer in self.layers:
+            out = layer(h, token_ids)
+            h = torch.relu(out.output + h if self.residual else out.output)
+            routings.append(out.routing)
+        return DeepMoEOutput(self.head(h), routings)
+
+
+def build_deep_moe(in_features: int, num_classes: int, **options: object) -> DeepMoE:
+    """``DeepMoE(in_features, num_classes, **options)``; see :class:`DeepMoE`."""
+    return DeepMoE(in_features, num_classes, **options)  # type: ignore[arg-type]

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from routelab.deep_moe import DeepMoE, build_deep_moe
+from routelab.policies import PausingPolicy
+from routelab.routers import TopKGate
+from routelab.routers.hash import HashRouter
+
+
+def test_shapes_routings_and_gradients():
+    torch.manual_seed(0)
+    model = DeepMoE(10, 3, d_model=8, num_experts=4, num_layers=3)
+    x = torch.randn(2, 5, 10)
+    out = model(x)
+    assert out.logits.shape == (2, 5, 3)
+    assert len(out.routings) == 3
+    for routing in out.routings:
+        assert routing.num_tokens == 10 and routing.num_experts == 4
+        routing.validate(k=2)
+    (out.logits.square().mean() + out.aux_loss).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+    # eigen stacking: the second layer routes the first layer's output
+    assert out.routings[0] is not out.routings[1]
+
+
+def test_factories_policies_and_token_ids():
+    torch.manual_seed(0)
+    policies = []
+
+    def make_policies(i):
+        policies.append(PausingPolicy(4, margin=0.0))
+        return [policies[-1]]
+
+    model = build_deep_moe(
+        6,
+        2,
+        d_model=8,
+        num_experts=4,
+        make_router=lambda d, e: TopKGate(d, e, k=1),
+        make_policies=make_policies,
+    )
+    for _ in range(3):
+        model(torch.randn(16, 6))
+    assert len(policies) == 2
+    assert all(float(p.totals.sum()) > 0 for p in policies)
+    table = torch.arange(10) % 4
+    hashed = DeepMoE(
+        6,
+        2,
+        d_model=8,
+        num_experts=4,
+        make_router=lambda d, e: HashRouter(d, e, table=table),
+    )
+    ids = torch.tensor([0, 1, 2, 7])
+    out = hashed(torch.randn(4, 6), ids)
+    assert out.routings[0].expert.tolist() == (ids % 4).tolist()
+    with pytest.raises(ValueError, match="token_ids"):
+        hashed(torch.randn(4, 6))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_layers"):
+        DeepMoE(4, 2, num_layers=0)
+    with pytest.raises(TypeError, match="in_features"):
+        DeepMoE(4.0, 2)
