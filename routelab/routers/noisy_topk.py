@@ -78,18 +78,20 @@ class NoisyTopKGate(Router):
         """``x W_g`` ``[T, E]`` in at least fp32."""
         return upcast_half(x @ self.w_gate)
 
-    def noise_std(self, x: Tensor) -> Tensor:
-        """``sigma(x) = softplus(x W_noise) + noise_epsilon`` ``[T, E]``."""
-        return F.softplus(upcast_half(x @ self.w_noise)) + self.noise_epsilon
+    def clean_logits_and_noise_std(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x W_g, sigma(x))``, both ``[T, E]``, from one matmul with ``[W_g, W_noise]``;
+        ``sigma(x) = softplus(x W_noise) + noise_epsilon``."""
+        both = upcast_half(x @ torch.cat([self.w_gate, self.w_noise], dim=1))  # [T, 2E]
+        clean, raw_std = both.split(self.num_experts, dim=1)
+        return clean, F.softplus(raw_std) + self.noise_epsilon
 
     def route(self, x: Tensor, token_ids: Tensor | None) -> Routing:
-        clean = self.clean_logits(x)  # [T, E]
         noisy = self.training and x.shape[0] > 0
         if noisy:
-            std = self.noise_std(x)
+            clean, std = self.clean_logits_and_noise_std(x)  # [T, E] each
             logits = clean + torch.randn_like(clean) * std  # H(x)
         else:
-            logits = clean
+            clean = logits = self.clean_logits(x)
         routing = topk_softmax_routing(logits, self.k)
         aux: dict[str, Tensor] = {}
         E = self.num_experts
