@@ -283,7 +283,8 @@ class LossFreeBalancingPolicy(Policy):
     For softmax scores the renormalised probabilities equal ``softmax`` over the chosen
     logits (``topk_softmax_routing(..., select_logits=...)``); we renormalise the probs, so
     the weights stay differentiable into the router through ``probs``. Each token gets
-    exactly k entries summing to 1 (uniform 1/k if all chosen scores underflow to 0).
+    exactly k entries summing to 1 (uniform 1/k if all chosen scores underflow to 0); with
+    k = 1 the weight is therefore 1 (as for ``TopKGate(k=1)``, not Switch's ``p_i(x)``).
     After each call in training mode, with ``load_e`` the entries of expert e::
 
         b_e += rate * sign(T * k / E - load_e)
