@@ -1,10 +1,21 @@
-"""Shared timing helpers for the benchmarks: interleaved repeats, median seconds."""
+"""Shared timing helpers for the benchmarks: interleaved repeats, median seconds.
+
+Every benchmark imports this module first. Run as ``python benchmarks/<name>.py``, a
+script has this folder at the head of ``sys.path``, where ``benchmarks/solvers.py``
+would shadow the ``solvers`` package; importing this module removes the folder again
+(it is already imported by then).
+"""
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != _HERE]
 
 
 def time_side_by_side(

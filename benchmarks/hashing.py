@@ -17,21 +17,14 @@ Run: ``python benchmarks/hashing.py`` (``--quick`` for small sizes). One run pri
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
-from _timing import time_side_by_side  # benchmarks/ is on sys.path when run as a script
+from _timing import time_side_by_side  # first: it keeps benchmarks/ off sys.path
 
-# benchmarks/solvers.py would shadow the ``solvers`` package: import packages without
-# this folder on the path (only _timing is needed from it).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-from routelab import FFNExperts, validation  # noqa: E402
-from routelab.corpus import load_stdlib_corpus  # noqa: E402
-from routelab.routers import HashRouter, TopKGate  # noqa: E402
+from routelab import FFNExperts, validation
+from routelab.corpus import load_stdlib_corpus
+from routelab.routers import HashRouter, TopKGate
 
 FULL = {
     "tokens": 1_000_000,
