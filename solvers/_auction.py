@@ -81,25 +81,35 @@ def auction(
     S: Any,
     cap: Any,
     *,
-    tol: float,
     eps_start: float,
-    eps_min: float,
+    eps_final: float,
     factor: float,
-    switch: int = 0,
-    S_host: Any = None,
-    cap_host: Any = None,
+    switch: int,
+    S_host: Any,
+    cap_host: Any,
+    tol: float = 0.0,
+    eps_check: float = 0.0,
+    complete: bool = True,
 ) -> tuple[Any, Any, int, int]:
     """Epsilon-scaled Jacobi auction on float64 ``S [T, E]`` with capacities ``cap [E]``.
 
-    Stops after the phase whose certified gap ``D(p) - objective`` is ``<= tol`` (absolute),
-    or after the phase with ``eps <= eps_min``. Returns ``(assignment, prices, rounds,
-    phases)``, where ``rounds`` counts bidding rounds plus augmenting paths.
+    Phases run with ``eps = eps_start, eps_start / factor, ...`` down to ``eps_final``; each
+    phase starts from the previous prices, with the tokens that are no longer eps-optimal
+    freed. A phase bids in rounds until at most ``switch`` tokens are free: the tail of a
+    phase (a few free tokens chasing the last free slots through long chains of
+    displacements, one per round) is left to shortest augmenting paths.
 
-    The tail of a phase (a few free tokens chasing the last free slots through long chains
-    of displacements, one per round) is cut short: once at most ``switch`` tokens are free,
-    the phase is finished by shortest augmenting paths (:func:`solvers._exact.finish` with
-    ``delta = eps``, on the numpy copies ``S_host``, ``cap_host``), which keeps
-    eps-complementary slackness.
+    - ``complete=False``: the free tokens just carry over to the next phase; after the
+      ``eps_final`` phase the (maybe partial, ``-1`` = free) assignment is returned, every
+      assigned token eps-optimal (for ``method="exact"``, which finishes it exactly).
+    - ``complete=True``: phases with ``eps <= eps_check`` are completed by augmenting paths
+      (:func:`solvers._exact.finish` with ``delta = eps`` on the numpy copies ``S_host``,
+      ``cap_host``, which keeps eps-complementary slackness); the run stops after the first
+      completed phase whose certified gap ``D(p) - objective`` is ``<= tol``, or after the
+      ``eps_final`` phase (gap ``<= T * eps_final``).
+
+    Returns ``(assignment, prices, rounds, phases)``; ``rounds`` counts bidding rounds plus
+    augmenting paths.
     """
     T, E = S.shape
     owner = ops.full_int(T, -1)
@@ -108,35 +118,41 @@ def auction(
     weakest = ops.full(E, ops.inf)
     p = ops.full(E, 0.0)
     rows_all = ops.arange(T)
-    eps = eps_start
+    eps = max(eps_start, eps_final)
     rounds = phases = 0
     while True:
         phases += 1
+        last = eps <= eps_final
         while True:
             free = ops.nonzero(owner < 0)
-            if free.shape[0] == 0:
+            if free.shape[0] <= switch:
                 break
-            if free.shape[0] <= switch and S_host is not None:
-                owner, p, held, aug = _finish_phase(ops, S_host, cap_host, p, owner, eps)
-                rounds += aug
-                load = ops.bincount(owner, E)
-                weakest = ops.full(E, ops.inf)
-                ops.scatter_min_(weakest, owner, held)
-                continue
             rounds += 1
             v = S[free] - p
             j1, w1, w2 = ops.top2(v)
             bid = p[j1] + (w1 - w2) + eps
             _propose(ops, owner, held, load, weakest, cap, free, j1, bid)
             p = ops.where(load == cap, weakest, p)
+        if not complete:
+            if last:
+                return owner, p, rounds, phases
+        elif eps <= eps_check or last:
+            if free.shape[0]:
+                owner, p, held, aug = _finish_phase(ops, S_host, cap_host, p, owner, eps)
+                rounds += aug
+                load = ops.bincount(owner, E)
+                weakest = ops.full(E, ops.inf)
+                ops.scatter_min_(weakest, owner, held)
+            v = S - p
+            mine = v[rows_all, owner]
+            gap = (ops.sum(ops.row_max(v)) + ops.sum(cap * p)) - ops.sum(mine + p[owner])
+            if gap <= tol or last:
+                return owner, p, rounds, phases
+        eps = max(eps / factor, eps_final)
         v = S - p
-        best = ops.row_max(v)
-        mine = v[rows_all, owner]
-        gap = (ops.sum(best) + ops.sum(cap * p)) - ops.sum(mine + p[owner])
-        if gap <= tol or eps <= eps_min:
-            return owner, p, rounds, phases
-        eps = max(eps / factor, eps_min)
-        bad = mine < best - eps  # no longer eps-optimal: bid again
+        assigned = owner >= 0
+        mine = v[rows_all, ops.clip_min(owner, 0)]
+        bad = assigned & (mine < ops.row_max(v) - eps)  # no longer eps-optimal: bid again
         if ops.any(bad):
             owner[bad] = -1
             kept = owner >= 0

@@ -40,38 +40,25 @@ def objective_value(ops: Any, S: Any, assignment: Any) -> float:
     return ops.sum(S[ops.arange(S.shape[0]), assignment])
 
 
-def exchange_costs(
-    S: np.ndarray, cap: np.ndarray | None, assignment: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """``M [E, E]`` and the arg-min token ``W [E, E]`` of the exchange graph (module doc).
+def exchange_costs(S: np.ndarray, cap: np.ndarray | None, assignment: np.ndarray) -> np.ndarray:
+    """``M [E, E]``, the arc costs of the exchange graph (module doc).
 
     ``M[a, b] = min_{t: a_t = a} (S[t, a] - S[t, b])`` (inf where a is empty), lowered to 0
-    where expert a has spare capacity (``W = -1`` marks a slack move; skipped when ``cap`` is
-    None). The diagonal is inf.
+    where expert a has spare capacity (skipped when ``cap`` is None). The diagonal is inf.
     """
     T, E = S.shape
     M = np.full((E, E), np.inf)
-    W = np.full((E, E), -1, dtype=np.int64)
     if T:
         order = np.argsort(assignment, kind="stable")
         a_sorted = assignment[order]
         diff = S[order, a_sorted][:, None] - S[order]  # [T, E]
         starts = np.flatnonzero(np.r_[True, a_sorted[1:] != a_sorted[:-1]])
-        experts = a_sorted[starts]
-        M[experts] = np.minimum.reduceat(diff, starts, axis=0)
-        # arg-min token per (group, column): first position attaining the minimum
-        group_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, T]))
-        hit = diff == M[experts][group_of]
-        pos = np.where(hit, np.arange(T)[:, None], T)
-        first = np.minimum.reduceat(pos, starts, axis=0)
-        W[experts] = order[np.minimum(first, T - 1)]
+        M[a_sorted[starts]] = np.minimum.reduceat(diff, starts, axis=0)
     if cap is not None:
         load = np.bincount(assignment, minlength=E) if T else np.zeros(E, dtype=np.int64)
-        lower = (load < cap)[:, None] & (M > 0)
-        M = np.where(lower, 0.0, M)
-        W = np.where(lower, -1, W)
+        M = np.where((load < cap)[:, None], np.minimum(M, 0.0), M)
     np.fill_diagonal(M, np.inf)
-    return M, W
+    return M
 
 
 def prices_from_assignment(
@@ -84,7 +71,7 @@ def prices_from_assignment(
     that ``min(p) = 0`` (so ``p >= 0``, as the dual needs when ``sum(c) > T``).
     """
     E = S.shape[1]
-    M, _ = exchange_costs(S, cap, assignment)
+    M = exchange_costs(S, cap, assignment)
     dist = np.zeros(E)
     for _ in range(max_iter if max_iter is not None else E + 1):
         new = np.minimum(dist, (dist[:, None] + M).min(axis=0))

@@ -20,38 +20,68 @@ rows of the exchange matrix; no ``T x T`` (or ``T x sum(c)``) matrix is ever bui
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from solvers._duals import exchange_costs
 
-__all__ = ["finish", "unassign_violators"]
+__all__ = ["count_violators", "finish", "unassign_violators"]
+
+
+def _violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float) -> np.ndarray:
+    v = S - p
+    mine = v[np.arange(S.shape[0]), np.maximum(owner, 0)]
+    return (owner >= 0) & (mine < v.max(axis=1) - delta)
+
+
+def count_violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float = 0.0) -> int:
+    """How many assigned tokens are not delta-CS for prices p."""
+    return int(_violators(S, p, owner, delta).sum())
 
 
 def unassign_violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float) -> int:
     """Free every assigned token that is not delta-CS for prices p; returns how many."""
-    v = S - p
-    best = v.max(axis=1)
-    rows = np.arange(S.shape[0])
-    bad = (owner >= 0) & (v[rows, np.maximum(owner, 0)] < best - delta)
+    bad = _violators(S, p, owner, delta)
     owner[bad] = -1
     return int(bad.sum())
 
 
-def _refresh_row(S, owner, kd, M, W, e):
-    idx = np.flatnonzero(owner == e)
-    if idx.size:
-        diff = S[idx, e][:, None] - S[idx]
-        arg = diff.argmin(axis=0)
-        M[e] = diff[arg, np.arange(S.shape[1])]
-        W[e] = idx[arg]
-    else:
-        M[e] = np.inf
-        W[e] = -1
-    if kd[e] > 0:
-        lower = M[e] > 0
-        M[e, lower] = 0.0
-        W[e, lower] = -1
-    M[e, e] = np.inf
+class _Exchange:
+    """The exchange graph of the assigned tokens: sorted member lists and ``M [E, E]``."""
+
+    def __init__(self, S: np.ndarray, owner: np.ndarray) -> None:
+        E = S.shape[1]
+        self.S = S
+        assigned = np.flatnonzero(owner >= 0)
+        order = assigned[np.argsort(owner[assigned], kind="stable")]
+        bounds = np.searchsorted(owner[order], np.arange(E + 1))
+        self.members = [order[bounds[e] : bounds[e + 1]] for e in range(E)]
+        self.M = np.full((E, E), np.inf)
+        if assigned.size:
+            M = exchange_costs(S[assigned], None, owner[assigned])
+            present = np.array([m.size > 0 for m in self.members])
+            self.M[present] = M[present]
+        np.fill_diagonal(self.M, np.inf)
+
+    def refresh(self, e: int) -> None:
+        idx = self.members[e]
+        if idx.size:
+            self.M[e] = (self.S[idx, e][:, None] - self.S[idx]).min(axis=0)
+        else:
+            self.M[e] = np.inf
+        self.M[e, e] = np.inf
+
+    def best_token(self, a: int, b: int) -> int:
+        idx = self.members[a]
+        return int(idx[np.argmin(self.S[idx, a] - self.S[idx, b])])
+
+    def move(self, t: int, a: int, b: int) -> None:
+        if a >= 0:
+            m = self.members[a]
+            self.members[a] = np.delete(m, np.searchsorted(m, t))
+        m = self.members[b]
+        self.members[b] = np.insert(m, np.searchsorted(m, t), t)
 
 
 def finish(
@@ -72,29 +102,13 @@ def finish(
     kd = np.zeros(E, dtype=np.int64)  # dummies placed per expert
     if dummies:
         slack = cap - load
-        cheap = np.flatnonzero(p <= p.min() + delta)
-        for e in cheap:  # deterministic: lowest expert first
-            take = min(int(slack[e]), dummies - int(kd.sum()))
-            kd[e] = take
+        for e in np.flatnonzero(p <= p.min() + delta):  # deterministic: lowest expert first
+            kd[e] = min(int(slack[e]), dummies - int(kd.sum()))
     free_dummies = dummies - int(kd.sum())
     free = np.flatnonzero(owner < 0)
     if free.size == 0 and free_dummies == 0:
         return owner, p - p.min(), 0
-    # the exchange matrix of the assigned tokens (free ones excluded)
-    assigned = owner >= 0
-    M = np.full((E, E), np.inf)
-    W = np.full((E, E), -1, dtype=np.int64)
-    if assigned.any():
-        idx = np.flatnonzero(assigned)
-        Ms, Ws = exchange_costs(S[idx], None, owner[idx])
-        present = np.bincount(owner[idx], minlength=E) > 0
-        M[present] = Ms[present]
-        W[present] = np.where(Ws[present] >= 0, idx[np.maximum(Ws[present], 0)], -1)
-    for e in np.flatnonzero(kd > 0):
-        lower = M[e] > 0
-        M[e, lower] = 0.0
-        W[e, lower] = -1
-    np.fill_diagonal(M, np.inf)
+    graph = _Exchange(S, owner)
     cols = np.arange(E)
     augmentations = 0
     while free.size or free_dummies:
@@ -115,6 +129,10 @@ def finish(
             dist = np.where(use, dd, dist)
             src = np.where(use, -1, src)
         dist = np.maximum(dist, 0.0)
+        M = graph.M
+        if dummies:
+            M = np.where((kd > 0)[:, None], np.minimum(M, 0.0), M)
+            np.fill_diagonal(M, np.inf)
         R = np.maximum(M - p[:, None] + p[None, :], 0.0)
         pred = np.full(E, -1, dtype=np.int64)
         for _ in range(E):
@@ -126,36 +144,37 @@ def finish(
                 break
             dist = np.where(better, best, dist)
             pred = np.where(better, arg, pred)
-        slots = cap - load - kd
-        open_ = np.flatnonzero(slots > 0)
-        target = open_[np.argmin(dist[open_])]
-        D = dist[target]
-        p += np.maximum(D - dist, 0.0)
+        open_ = np.flatnonzero(cap - load - kd > 0)
+        target = int(open_[np.argmin(dist[open_])])
+        p += np.maximum(dist[target] - dist, 0.0)
         # walk back from the target to the entry expert, then shift tokens forward
-        path = [int(target)]
+        path = [target]
         while pred[path[-1]] >= 0:
             path.append(int(pred[path[-1]]))
         path.reverse()
-        moves = [(path[i], path[i + 1], int(W[path[i], path[i + 1]])) for i in range(len(path) - 1)]
+        moves = []
+        for a, b in itertools.pairwise(path):
+            use_dummy = kd[a] > 0 and not (graph.M[a, b] < 0.0)
+            moves.append((a, b, -1 if use_dummy else graph.best_token(a, b)))
         for a, b, t in moves:
             if t >= 0:
                 owner[t] = b
+                graph.move(t, a, b)
             else:
                 kd[a] -= 1
                 kd[b] += 1
+            load[a] -= t >= 0
+            load[b] += t >= 0
         entry = path[0]
         s = int(src[entry])
         if s >= 0:
             owner[s] = entry
+            graph.move(s, -1, entry)
             free = free[free != s]
             load[entry] += 1
         else:
             kd[entry] += 1
             free_dummies -= 1
-        for a, b, t in moves:
-            if t >= 0:
-                load[a] -= 1
-                load[b] += 1
         for e in set(path):
-            _refresh_row(S, owner, kd, M, W, e)
+            graph.refresh(e)
     return owner, p - p.min(), augmentations

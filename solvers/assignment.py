@@ -23,7 +23,7 @@ import numpy as np
 from solvers import _reference
 from solvers._auction import auction, duals_for, greedy
 from solvers._duals import dual_value, objective_value, prices_from_assignment
-from solvers._exact import finish, unassign_violators
+from solvers._exact import count_violators, finish, unassign_violators
 from solvers._ops import NumpyOps, ops_for
 from solvers._validate import check_capacity, check_scores, is_torch
 
@@ -33,7 +33,7 @@ METHODS = ("auction", "exact", "sinkhorn", "greedy", "hungarian", "lp", "mincost
 
 _OPTIONS: dict[str, dict[str, Any]] = {
     "auction": {"tol": 1e-6, "eps_start": 1 / 32, "factor": 8.0, "switch": 128},
-    "exact": {"tol": 1e-4, "eps_start": 1 / 32, "factor": 8.0, "switch": 128},
+    "exact": {"tol": 1e-6, "eps_start": 1 / 32, "factor": 8.0, "switch": 32},
     "sinkhorn": {"temperature": 1e-2, "max_iter": 1000, "tol": 1e-6},
     "greedy": {},
     "hungarian": {"max_entries": 50_000_000},
@@ -193,36 +193,39 @@ def _auction_family(ops, S, cap, cap_x, *, exact, tol, eps_start, factor, switch
             host,
             S_host,
             cap,
-            tol=tol * magnitude,
             eps_start=eps_start * spread,
-            eps_min=spread * 1e-13,
+            eps_final=tol * spread,
             factor=factor,
             switch=switch,
             S_host=S_host,
             cap_host=cap,
+            complete=False,
         )
-        # Integer / tied scores: the exchange-graph prices of the auction's assignment are
-        # often exact already; keep whichever prices leave fewer tokens to re-insert.
-        p_graph = prices_from_assignment(S_host, cap, owner)
-        trial = owner.copy()
-        if unassign_violators(S_host, p_graph, trial, 0.0) < unassign_violators(
-            S_host, p, owner.copy(), 0.0
-        ):
-            p = p_graph
+        eps_final = tol * spread
+        owner, p, aug = finish(S_host, cap, p, owner, eps_final)  # complete, eps-optimal
+        if count_violators(S_host, p, owner) > switch:
+            # Integer / tied scores: the auction's prices sit a few eps off the exact ones,
+            # but its assignment is often optimal already; the exchange-graph prices of the
+            # assignment then are exact. Keep whichever leaves fewer tokens to re-insert.
+            p_graph = prices_from_assignment(S_host, cap, owner)
+            if count_violators(S_host, p_graph, owner) < count_violators(S_host, p, owner):
+                p = p_graph
         unassign_violators(S_host, p, owner, 0.0)
-        owner, p, aug = finish(S_host, cap, p, owner, 0.0)
-        return ops.from_numpy(owner, S), ops.from_numpy(p, S), rounds + aug
+        owner, p, aug2 = finish(S_host, cap, p, owner, 0.0)
+        return ops.from_numpy(owner, S), ops.from_numpy(p, S), rounds + aug + aug2
+    eps_final = tol * magnitude / T
     owner, p, rounds, _ = auction(
         ops,
         S,
         cap_x,
-        tol=tol * magnitude,
         eps_start=eps_start * spread,
-        eps_min=spread * 1e-13,
+        eps_final=eps_final,
         factor=factor,
         switch=switch,
         S_host=S_host,
         cap_host=cap,
+        tol=tol * magnitude,
+        eps_check=eps_final * factor**2,
     )
     return owner, p, rounds
 
