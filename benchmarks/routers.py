@@ -53,17 +53,23 @@ GATES: dict[str, tuple[Callable[[int, int, int], Router], bool]] = {
 }
 
 TARGET = 0.05
+VOCAB_SIZE = 32000  # token ids for routers that need them
 
 
 def gate_step(router: Router, x: torch.Tensor) -> Callable[[], None]:
-    """One training step of the router alone: forward, then backward of weights + aux."""
+    """One training step of the router alone: forward, then backward of weights + aux
+    (a router without gradients, e.g. hashing, is timed on its forward only)."""
     gen = torch.Generator().manual_seed(1)
     upstream = torch.randn(x.shape[0] * router.num_experts, generator=gen)
+    token_ids = None
+    if router.requires_token_ids:  # hash routers
+        token_ids = torch.randint(VOCAB_SIZE, (x.shape[0],), generator=gen)
 
     def step() -> None:
-        routing = router(x)
+        routing = router(x, token_ids)
         loss = (routing.weight * upstream[: routing.num_entries]).sum() + routing.aux_loss
-        loss.backward()
+        if loss.requires_grad:
+            loss.backward()
 
     return step
 
