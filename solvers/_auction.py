@@ -30,14 +30,17 @@ from solvers._duals import dual_value, objective_value
 __all__ = ["auction", "greedy", "keep_best"]
 
 
-def keep_best(ops: Any, tok: Any, exp: Any, key: Any, cap: Any) -> tuple[Any, Any, Any, Any, Any]:
+def keep_best(
+    ops: Any, tok: Any, exp: Any, key: Any, cap: Any, by_token: bool
+) -> tuple[Any, Any, Any, Any, Any]:
     """For candidates ``(tok, exp, key)``, keep the ``cap[exp]`` best keys per expert.
 
-    Order within an expert: key descending, then token id ascending (strict, deterministic).
+    Order within an expert: key descending, then token id ascending (``by_token``) or the
+    candidates' input order (holders before proposers: the incumbent wins a tie).
     Returns the candidates sorted that way, ``keep`` (bool) and ``last`` (bool: the kept
     candidate of rank ``cap - 1``, the weakest one of a full expert).
     """
-    order = ops.order_by(exp, key, tok)
+    order = ops.order_by(exp, key, tok if by_token else None)
     tok, exp, key = tok[order], exp[order], key[order]
     rank = ops.group_rank(exp)
     limit = cap[exp]
@@ -45,7 +48,16 @@ def keep_best(ops: Any, tok: Any, exp: Any, key: Any, cap: Any) -> tuple[Any, An
 
 
 def _propose(
-    ops: Any, owner: Any, held: Any, load: Any, weakest: Any, cap: Any, tok: Any, exp: Any, key: Any
+    ops: Any,
+    owner: Any,
+    held: Any,
+    load: Any,
+    weakest: Any,
+    cap: Any,
+    tok: Any,
+    exp: Any,
+    key: Any,
+    by_token: bool = False,
 ) -> None:
     """One round of proposals ``tok -> exp`` with strength ``key``; updates the state in place.
 
@@ -68,7 +80,7 @@ def _propose(
         t = ops.cat(holders, tok[c_tok])
         e = ops.cat(owner[holders], exp[c_tok])
         k = ops.cat(held[holders], key[c_tok])
-        t, e, k, keep, last = keep_best(ops, t, e, k, cap)
+        t, e, k, keep, last = keep_best(ops, t, e, k, cap, by_token)
         owner[t[~keep]] = -1
         owner[t[keep]] = e[keep]
         held[t[keep]] = k[keep]
@@ -90,6 +102,7 @@ def auction(
     tol: float = 0.0,
     eps_check: float = 0.0,
     complete: bool = True,
+    p_start: Any = None,
 ) -> tuple[Any, Any, int, int]:
     """Epsilon-scaled Jacobi auction on float64 ``S [T, E]`` with capacities ``cap [E]``.
 
@@ -108,6 +121,8 @@ def auction(
       completed phase whose certified gap ``D(p) - objective`` is ``<= tol``, or after the
       ``eps_final`` phase (gap ``<= T * eps_final``).
 
+    ``p_start`` (default zeros) are the initial prices.
+
     Returns ``(assignment, prices, rounds, phases)``; ``rounds`` counts bidding rounds plus
     augmenting paths.
     """
@@ -116,7 +131,7 @@ def auction(
     held = ops.full(T, 0.0)
     load = ops.full_int(E, 0)
     weakest = ops.full(E, ops.inf)
-    p = ops.full(E, 0.0)
+    p = ops.full(E, 0.0) if p_start is None else p_start
     rows_all = ops.arange(T)
     eps = max(eps_start, eps_final)
     rounds = phases = 0
@@ -198,7 +213,7 @@ def greedy(ops: Any, S: Any, cap: Any) -> tuple[Any, int]:
         rounds += 1
         exp = prefs[free, nxt[free]]
         nxt[free] += 1
-        _propose(ops, owner, held, load, weakest, cap, free, exp, S[free, exp])
+        _propose(ops, owner, held, load, weakest, cap, free, exp, S[free, exp], by_token=True)
 
 
 def duals_for(ops: Any, S: Any, cap: Any, owner: Any, candidates: list[Any]) -> tuple[Any, float]:

@@ -24,8 +24,6 @@ import itertools
 
 import numpy as np
 
-from solvers._duals import exchange_costs
-
 __all__ = ["count_violators", "finish", "unassign_violators"]
 
 
@@ -58,11 +56,8 @@ class _Exchange:
         bounds = np.searchsorted(owner[order], np.arange(E + 1))
         self.members = [order[bounds[e] : bounds[e + 1]] for e in range(E)]
         self.M = np.full((E, E), np.inf)
-        if assigned.size:
-            M = exchange_costs(S[assigned], None, owner[assigned])
-            present = np.array([m.size > 0 for m in self.members])
-            self.M[present] = M[present]
-        np.fill_diagonal(self.M, np.inf)
+        for e in range(E):  # E small blocks: cheaper than one [T, E] pass with a sort
+            self.refresh(e)
 
     def refresh(self, e: int) -> None:
         idx = self.members[e]

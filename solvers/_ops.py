@@ -85,10 +85,17 @@ class NumpyOps:
         return np.maximum(x, lo)
 
     # sorting ----------------------------------------------------------------------
-    def order_by(self, group: Any, key: Any, tie: Any) -> Any:
+    def order_by(self, group: Any, key: Any, tie: Any = None) -> Any:
         """Permutation sorting by ``group`` ascending, then ``key`` descending, then ``tie``
-        ascending (a strict total order when ``tie`` is unique)."""
-        return np.lexsort((tie, -key, group))
+        ascending (a strict total order when ``tie`` is unique); with ``tie=None`` equal
+        keys keep their input order."""
+        if tie is not None:
+            return np.lexsort((tie, -key, group))
+        order = np.argsort(-key, kind="stable")
+        small = group[order].astype(
+            np.int16 if group.shape[0] and group.max() < 2**15 else np.int64
+        )
+        return order[np.argsort(small, kind="stable")]  # radix sort for int16
 
     def group_rank(self, sorted_group: Any) -> Any:
         """Position of each element within its run of equal values in a sorted array."""
@@ -171,10 +178,13 @@ class TorchOps:
     def clip_min(self, x: Any, lo: int) -> Any:
         return x.clamp_min(lo)
 
-    def order_by(self, group: Any, key: Any, tie: Any) -> Any:
+    def order_by(self, group: Any, key: Any, tie: Any = None) -> Any:
         torch = self.torch
-        order = torch.argsort(tie, stable=True)
-        order = order[torch.argsort(-key[order], stable=True)]
+        if tie is not None:
+            order = torch.argsort(tie, stable=True)
+            order = order[torch.argsort(-key[order], stable=True)]
+        else:
+            order = torch.argsort(-key, stable=True)
         return order[torch.argsort(group[order], stable=True)]
 
     def group_rank(self, sorted_group: Any) -> Any:
