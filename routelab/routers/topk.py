@@ -20,7 +20,7 @@ class TopKGate(Router):
         TopK(v, k)_i = v_i if v_i is among the k largest of v, else -inf
         G(x) = softmax(TopK(logits, k))                    [T, E], k non-zeros per row
 
-    Each token gets exactly k entries (ties broken by torch.topk, lowest index first)
+    Each token gets exactly k entries (ties broken by torch.topk, deterministically)
     whose weights sum to 1. ``probs`` holds the full ``softmax(logits) [T, E]``.
     With k = 1 the weight is exactly 1, so no gradient reaches the gate
     (``differentiable`` is False); SwitchGate keeps the probability as the weight.
