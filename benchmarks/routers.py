@@ -22,14 +22,17 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from _timing import time_side_by_side  # benchmarks/ is on sys.path when run as a script
+from _timing import time_side_by_side  # first: it keeps benchmarks/ off sys.path
 
 from routelab import FFNExperts, Routing
 from routelab.router import Router
 from routelab.routers import (
+    BASERouter,
     DSelectKGate,
     ExpertChoiceRouter,
+    HashRouter,
     NoisyTopKGate,
+    SinkhornRouter,
     SoftmaxGate,
     SwitchGate,
     TopKGate,
@@ -48,6 +51,13 @@ GATES: dict[str, tuple[Callable[[int, int, int], Router], bool]] = {
     ),
     "ExpertChoiceRouter": (
         lambda d, E, k: ExpertChoiceRouter(d, E, capacity_factor=float(k)),
+        False,
+    ),
+    "BASERouter (auction)": (lambda d, E, k: BASERouter(d, E, method="auction"), False),
+    "BASERouter (exact)": (lambda d, E, k: BASERouter(d, E, method="exact"), False),
+    "SinkhornRouter": (lambda d, E, k: SinkhornRouter(d, E), False),
+    "HashRouter (random)": (
+        lambda d, E, k: HashRouter.fit("random", E, d_model=d, vocab_size=VOCAB_SIZE),
         False,
     ),
 }
