@@ -103,6 +103,8 @@ def auction(
     eps_check: float = 0.0,
     complete: bool = True,
     p_start: Any = None,
+    owner_start: Any = None,
+    graph_prices: bool = False,
 ) -> tuple[Any, Any, int, int]:
     """Epsilon-scaled Jacobi auction on float64 ``S [T, E]`` with capacities ``cap [E]``.
 
@@ -119,9 +121,12 @@ def auction(
       (:func:`solvers._exact.finish` with ``delta = eps`` on the numpy copies ``S_host``,
       ``cap_host``, which keeps eps-complementary slackness); the run stops after the first
       completed phase whose certified gap ``D(p) - objective`` is ``<= tol``, or after the
-      ``eps_final`` phase (gap ``<= T * eps_final``).
+      ``eps_final`` phase (gap ``<= T * eps_final``). With ``graph_prices``, a completed
+      phase whose gap is too large also tries the prices of its assignment's exchange graph
+      (exact when that assignment is optimal: integer scores often get there early).
 
-    ``p_start`` (default zeros) are the initial prices.
+    ``p_start`` (default zeros) are the initial prices; ``owner_start`` (default all free,
+    ``-1``) an initial partial assignment whose tokens are ``eps_start``-optimal for them.
 
     Returns ``(assignment, prices, rounds, phases)``; ``rounds`` counts bidding rounds plus
     augmenting paths.
@@ -132,6 +137,12 @@ def auction(
     load = ops.full_int(E, 0)
     weakest = ops.full(E, ops.inf)
     p = ops.full(E, 0.0) if p_start is None else p_start
+    if owner_start is not None:  # holders sit at their expert's price
+        owner = owner_start
+        kept = owner >= 0
+        held = ops.where(kept, p[ops.clip_min(owner, 0)], held)
+        load = ops.bincount(owner[kept], E)
+        ops.scatter_min_(weakest, owner[kept], held[kept])
     rows_all = ops.arange(T)
     eps = max(eps_start, eps_final)
     rounds = phases = 0
@@ -158,11 +169,17 @@ def auction(
                 load = ops.bincount(owner, E)
                 weakest = ops.full(E, ops.inf)
                 ops.scatter_min_(weakest, owner, held)
-            v = S - p
-            mine = v[rows_all, owner]
-            gap = (ops.sum(ops.row_max(v)) + ops.sum(cap * p)) - ops.sum(mine + p[owner])
+            gap = dual_value(ops, S, cap, p) - objective_value(ops, S, owner)
             if gap <= tol or last:
                 return owner, p, rounds, phases
+            if graph_prices:
+                from solvers._duals import prices_from_assignment
+
+                p_graph = ops.from_numpy(
+                    prices_from_assignment(S_host, cap_host, ops.to_numpy(owner)), p
+                )
+                if dual_value(ops, S, cap, p_graph) - objective_value(ops, S, owner) <= tol:
+                    return owner, p_graph, rounds, phases
         eps = max(eps / factor, eps_final)
         v = S - p
         assigned = owner >= 0

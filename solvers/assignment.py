@@ -186,55 +186,68 @@ def _auction_family(ops, S, cap, cap_x, *, exact, tol, eps_start, factor, switch
         return ops.from_numpy(owner, S), ops.full(E, 0.0), 0
     # Start from the column means as prices: removes a per-expert offset (a popular expert)
     # at once. Computed on the host so that every back-end starts from the same numbers.
-    p_start = np.zeros(E)
-    if int(cap.sum()) == T:
-        p_start = S_host.mean(axis=0)
-        p_start -= p_start.min()
+    host = NumpyOps()
     if exact:
         first = S_host.argmax(axis=1)
         if (np.bincount(first, minlength=E) <= cap).all():  # the unconstrained optimum fits
             return ops.from_numpy(first, S), ops.full(E, 0.0), 0
-        host = NumpyOps()
-        owner, p, rounds, _ = auction(
-            host,
-            S_host,
-            cap,
-            eps_start=eps_start * spread,
-            eps_final=tol * spread,
-            factor=factor,
-            switch=switch,
-            S_host=S_host,
-            cap_host=cap,
-            complete=False,
-            p_start=p_start,
-        )
-        aug = 0
-        if count_violators(S_host, p, owner) > 4 * switch:
-            # Integer / tied scores: the auction's prices sit a few eps off the exact ones,
-            # but its assignment (completed) is often optimal already, and then the
-            # exchange-graph prices of it are exact. Keep whichever prices leave fewer
-            # tokens to re-insert.
-            owner, p, aug = finish(S_host, cap, p, owner, tol * spread)
-            p_graph = prices_from_assignment(S_host, cap, owner)
-            if count_violators(S_host, p_graph, owner) < count_violators(S_host, p, owner):
-                p = p_graph
+    p_start = np.zeros(E)
+    if int(cap.sum()) == T:
+        p_start = S_host.mean(axis=0)
+        p_start -= p_start.min()
+    # Integer scores tie everywhere: the auction's assignment is often optimal long before
+    # its prices are, and the exchange-graph prices of an optimal assignment certify it.
+    integral = bool(np.array_equal(S_host, np.rint(S_host)))
+    settings = dict(factor=factor, switch=switch, S_host=S_host, cap_host=cap)
+    if exact:
+        finals = [tol * spread]
+        if integral and 1e-3 > tol:
+            finals.insert(0, 1e-3 * spread)
+        p, owner, rounds, eps = p_start, None, 0, eps_start * spread
+        for i, eps_final in enumerate(finals):
+            owner, p, r, _ = auction(
+                host,
+                S_host,
+                cap,
+                eps_start=eps,
+                eps_final=eps_final,
+                complete=False,
+                p_start=p,
+                owner_start=owner,
+                **settings,
+            )
+            rounds += r
+            if count_violators(S_host, p, owner) <= 4 * switch:
+                break
+            # Many tokens off by less than eps: complete the assignment and try the prices
+            # of its exchange graph, exact if it is optimal already.
+            trial, p_done, aug = finish(S_host, cap, p, owner.copy(), eps_final)
+            rounds += aug
+            p_graph = prices_from_assignment(S_host, cap, trial)
+            n_graph = count_violators(S_host, p_graph, trial)
+            if n_graph <= 4 * switch or i == len(finals) - 1:
+                better = n_graph < count_violators(S_host, p_done, trial)
+                owner, p = trial, (p_graph if better else p_done)
+                break
+            eps = eps_final / factor
         unassign_violators(S_host, p, owner, 0.0)
-        owner, p, aug2 = finish(S_host, cap, p, owner, 0.0)
-        return ops.from_numpy(owner, S), ops.from_numpy(p, S), rounds + aug + aug2
+        owner, p, aug = finish(S_host, cap, p, owner, 0.0)
+        return ops.from_numpy(owner, S), ops.from_numpy(p, S), rounds + aug
     eps_final = tol * magnitude / T
+    eps_check = eps_final * factor**2
+    if integral:
+        eps_check = max(eps_check, 1e-3 * spread)
     owner, p, rounds, _ = auction(
         ops,
         S,
         cap_x,
         eps_start=eps_start * spread,
         eps_final=eps_final,
-        factor=factor,
-        switch=switch,
-        S_host=S_host,
-        cap_host=cap,
         tol=tol * magnitude,
-        eps_check=eps_final * factor**2,
+        eps_check=eps_check,
         p_start=ops.as_float(p_start),
+        graph_prices=integral,
+        **settings,
     )
     return owner, p, rounds
 
