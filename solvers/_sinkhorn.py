@@ -17,7 +17,44 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["sinkhorn_potentials"]
+import numpy as np
+
+__all__ = ["sinkhorn_potentials", "sinkhorn_potentials_numpy"]
+
+
+def _lse(A: np.ndarray, axis: int) -> np.ndarray:
+    m = A.max(axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return (np.log(np.exp(A - m).sum(axis=axis, keepdims=True)) + m).squeeze(axis)
+
+
+def sinkhorn_potentials_numpy(
+    S: np.ndarray, cap: np.ndarray, *, tau: float, max_iter: int, tol: float
+) -> tuple[np.ndarray, int]:
+    """numpy twin of :func:`sinkhorn_potentials` (CPU inputs): ``(g [E], iterations)``."""
+    T, E = S.shape
+    K = float(cap.sum()) - T
+    with np.errstate(divide="ignore"):
+        log_c = np.where(cap > 0, np.log(np.maximum(cap, 1).astype(np.float64)), -np.inf)
+    X = S / tau
+    XT = np.ascontiguousarray(X.T)
+    g = np.zeros(E)
+    it = 0
+    while it < max_iter:
+        it += 1
+        f = -_lse(X + g, axis=1)  # [T]
+        cols = XT + f  # [E, T]
+        if K > 0:
+            fd = np.log(K) - _lse(g[None, :], axis=1)[0]
+            lse = _lse(np.concatenate([cols, np.full((E, 1), fd)], axis=1), axis=1)
+        else:
+            lse = _lse(cols, axis=1)
+        g_new = np.where(cap > 0, log_c - lse, -1e300)
+        err = float(np.abs(np.exp(lse + g) - cap).sum()) / max(T, 1)
+        g = g_new
+        if err < tol:
+            break
+    return g * tau, it
 
 
 def sinkhorn_potentials(
