@@ -212,24 +212,26 @@ def greedy(ops: Any, S: Any, cap: Any) -> tuple[Any, int]:
     token ascending, expert ascending) and assigns t to e when t is free and e has room. It
     equals the stable matching of token-proposing deferred acceptance under that same order
     (preferences from common pair weights have a unique stable matching), which is what is
-    computed here in at most E vectorised rounds: every free token proposes to its next
-    expert in its own order, every expert keeps its best ``c_e`` proposers.
+    computed here in at most E vectorised rounds: every free token proposes to its best
+    expert among those it has not proposed to yet and that could still take it (room left,
+    or a weakest holder not above it), every expert keeps its best ``c_e`` proposers.
     """
     T, E = S.shape
     owner = ops.full_int(T, -1)
     held = ops.full(T, 0.0)
     load = ops.full_int(E, 0)
     weakest = ops.full(E, ops.inf)
-    prefs = ops.argsort_rows_desc(S)  # [T, E]
-    nxt = ops.full_int(T, 0)
+    tried = ops.zeros_bool(T, E)
     rounds = 0
     while True:
         free = ops.nonzero(owner < 0)
         if free.shape[0] == 0:
             return owner, rounds
         rounds += 1
-        exp = prefs[free, nxt[free]]
-        nxt[free] += 1
+        v = S[free]
+        closed = tried[free] | ((load >= cap) & (v < weakest))
+        exp = ops.argmax_rows(ops.where(closed, -ops.inf, v))
+        tried[free, exp] = True
         _propose(ops, owner, held, load, weakest, cap, free, exp, S[free, exp], by_token=True)
 
 

@@ -50,10 +50,11 @@ def exchange_costs(S: np.ndarray, cap: np.ndarray | None, assignment: np.ndarray
     M = np.full((E, E), np.inf)
     if T:
         order = np.argsort(assignment, kind="stable")
-        a_sorted = assignment[order]
-        diff = S[order, a_sorted][:, None] - S[order]  # [T, E]
-        starts = np.flatnonzero(np.r_[True, a_sorted[1:] != a_sorted[:-1]])
-        M[a_sorted[starts]] = np.minimum.reduceat(diff, starts, axis=0)
+        bounds = np.searchsorted(assignment[order], np.arange(E + 1))
+        for e in range(E):  # E blocks [n_e, E]: no [T, E] temporary
+            idx = order[bounds[e] : bounds[e + 1]]
+            if idx.size:
+                M[e] = (S[idx, e][:, None] - S[idx]).min(axis=0)
     if cap is not None:
         load = np.bincount(assignment, minlength=E) if T else np.zeros(E, dtype=np.int64)
         M = np.where((load < cap)[:, None], np.minimum(M, 0.0), M)

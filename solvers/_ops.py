@@ -32,6 +32,9 @@ class NumpyOps:
     def arange(self, n: int) -> Any:
         return np.arange(n, dtype=np.int64)
 
+    def zeros_bool(self, *shape: int) -> Any:
+        return np.zeros(shape, dtype=bool)
+
     def as_int(self, x: Any) -> Any:
         return np.asarray(x, dtype=np.int64)
 
@@ -127,6 +130,9 @@ class TorchOps:
 
     def arange(self, n: int) -> Any:
         return self.torch.arange(n, dtype=self.torch.int64, device=self.device)
+
+    def zeros_bool(self, *shape: int) -> Any:
+        return self.torch.zeros(shape, dtype=self.torch.bool, device=self.device)
 
     def as_int(self, x: Any) -> Any:
         return self.torch.as_tensor(np.asarray(x), dtype=self.torch.int64, device=self.device)
