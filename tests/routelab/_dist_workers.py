@@ -186,8 +186,10 @@ def _max_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
-def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, float]:
-    """Max abs errors of the expert-parallel layer against the single-process reference.
+def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, Any]:
+    """Max abs errors (``errs``) of the expert-parallel layer against the single-process
+    reference, and ``info``: this rank's T, its routing's load, and for BASE whether the
+    per-rank and global assignments differ on this batch.
 
     ``case``: ``router`` kind, per-rank ``sizes``, ``assignment`` ("per_rank"/"global"),
     ``reference`` ("full": MoE on the concatenation; "chunks": router and policies on
@@ -246,9 +248,11 @@ def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, float
     x = x_full[lo:hi].clone().requires_grad_()
     ids = ids_full[lo:hi]
     if case.get("batched"):
-        out = layer(x.unsqueeze(0), ids.unsqueeze(0)).output.squeeze(0)
+        result = layer(x.unsqueeze(0), ids.unsqueeze(0))
+        out = result.output.squeeze(0)
     else:
-        out = layer(x, ids).output
+        result = layer(x, ids)
+        out = result.output
     (out * g_full[lo:hi]).sum().backward()
     all_reduce_replicated_grads(layer)
 
@@ -264,8 +268,15 @@ def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, float
         full = getattr(experts, name)
         grad = None if full.grad is None else full.grad[ids_local.start : ids_local.stop]
         errs[f"experts.{name}"] = _max_err(p.grad, grad)
-    errs["entries"] = float(out.shape[0])  # not an error: lets the parent see T_r
-    return errs
+    info = {"tokens": int(out.shape[0]), "load": result.routing.load().tolist()}
+    if hasattr(router, "assign"):  # BASE: do the two assignment modes differ on this batch?
+        with torch.no_grad():
+            scores = router.expert_scores(x_full)
+            chunks = [
+                router.assign(scores[sum(sizes[:r]) : sum(sizes[: r + 1])]) for r in range(world)
+            ]
+            info["modes_differ"] = bool((torch.cat(chunks) != router.assign(scores)).any())
+    return {"errs": errs, "info": info}
 
 
 def equivalence(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:

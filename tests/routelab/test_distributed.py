@@ -18,6 +18,7 @@ import torch
 from routelab import FFNExperts
 from routelab.distributed import ExpertParallelMoE, expert_range, shard_experts
 from routelab.routers import TopKGate
+from routelab.routing import even_quota
 from tests.routelab._dist_workers import run_group
 
 TOL = 1e-5
@@ -100,8 +101,7 @@ def _results(outcomes):
 
 def _check_case(outcomes, name):
     for rank, result in enumerate(_results(outcomes)):
-        errs = dict(result[name])
-        errs.pop("entries")
+        errs = result[name]["errs"]
         assert {"output", "grad_x"} <= set(errs)
         assert any(k.startswith("experts.") for k in errs)
         bad = {k: v for k, v in errs.items() if not v <= TOL}
@@ -121,8 +121,28 @@ def test_world4_matches_single_process(world4, name):
 def test_ranks_saw_their_own_batch_sizes(world2, world4):
     for outcomes, world in ((world2, 2), (world4, 4)):
         for case in _cases(world):
-            got = [r[case["name"]]["entries"] for r in _results(outcomes)]
+            got = [r[case["name"]]["info"]["tokens"] for r in _results(outcomes)]
             assert got == case["sizes"]
+
+
+@pytest.mark.skipif(not HAS_BASE, reason="BASERouter not built yet")
+def test_base_modes_balance_per_rank_or_over_all_ranks(world2, world4):
+    for outcomes, world in ((world2, 2), (world4, 4)):
+        results = _results(outcomes)
+        for case in _cases(world):
+            if case["router"] != "base":
+                continue
+            infos = [r[case["name"]]["info"] for r in results]
+            E, sizes = case["num_experts"], case["sizes"]
+            if sum(1 for size in sizes if size) > 1:
+                # the modes differ on this batch, so the equivalence tests tell them apart
+                assert infos[0]["modes_differ"], case["name"]
+            if case["assignment"] == "per_rank":  # every rank's own tokens split evenly
+                for info, size in zip(infos, sizes):
+                    assert info["load"] == even_quota(size, E)
+            else:  # one even split of all ranks' tokens together
+                summed = [sum(loads) for loads in zip(*(info["load"] for info in infos))]
+                assert summed == even_quota(sum(sizes), E)
 
 
 def test_constructor_errors_and_shard_round_trip(world2, world4):
@@ -205,3 +225,27 @@ def test_shards_hold_the_global_experts(activation, bias):
 def test_layer_needs_an_initialised_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         ExpertParallelMoE(TopKGate(4, 2), FFNExperts(2, 4, 8))
+
+
+def test_torchrun_example_trains_and_saves_a_single_process_checkpoint(tmp_path):
+    """``examples/expert_parallel.py`` under torchrun (2 processes, uneven batches):
+    the loss falls, and the saved checkpoint loads into a plain single-process MoE."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from routelab import MoE
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "expert_parallel.py"
+    ckpt = tmp_path / "moe.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", str(script), "--steps", "25", "--batch", "64"]
+    command += ["--save", str(ckpt)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    losses = [float(line.split()[-1]) for line in done.stdout.splitlines() if "loss" in line]
+    assert len(losses) >= 3 and losses[-1] < 0.5 * losses[0], done.stdout
+    single = MoE(TopKGate(32, 4, k=2), FFNExperts(4, 32, 64))
+    single.load_state_dict(torch.load(ckpt))
+    out = single(torch.randn(5, 32))
+    assert out.output.shape == (5, 32)
