@@ -143,7 +143,10 @@ def auction(
         held = ops.where(kept, p[ops.clip_min(owner, 0)], held)
         load = ops.bincount(owner[kept], E)
         ops.scatter_min_(weakest, owner[kept], held[kept])
-    rows_all = ops.arange(T)
+    # base[t]: token t stays eps'-optimal while its expert's price is <= base[t] + eps'
+    # (its bid minus the eps it bid with: prices only rise, so only its own expert's price
+    # can erode its lead). Lets a phase change re-check only the tokens near the edge.
+    base = held - max(eps_start, eps_final)
     eps = max(eps_start, eps_final)
     rounds = phases = 0
     while True:
@@ -158,6 +161,7 @@ def auction(
             j1, w1, w2 = ops.top2(v)
             bid = p[j1] + (w1 - w2) + eps
             _propose(ops, owner, held, load, weakest, cap, free, j1, bid)
+            base[free] = held[free] - eps
             p = ops.where(load == cap, weakest, p)
         if not complete:
             if last:
@@ -165,6 +169,7 @@ def auction(
         elif eps <= eps_check or last:
             if free.shape[0]:
                 owner, p, held, aug = _finish_phase(ops, S_host, cap_host, p, owner, eps)
+                base = held - eps
                 rounds += aug
                 load = ops.bincount(owner, E)
                 weakest = ops.full(E, ops.inf)
@@ -181,11 +186,15 @@ def auction(
                 if dual_value(ops, S, cap, p_graph) - objective_value(ops, S, owner) <= tol:
                     return owner, p_graph, rounds, phases
         eps = max(eps / factor, eps_final)
-        v = S - p
-        assigned = owner >= 0
-        mine = v[rows_all, ops.clip_min(owner, 0)]
-        bad = assigned & (mine < ops.row_max(v) - eps)  # no longer eps-optimal: bid again
-        if ops.any(bad):
+        # free the tokens that are no longer eps-optimal (they bid again)
+        suspect = ops.nonzero((owner >= 0) & (p[ops.clip_min(owner, 0)] > base + eps))
+        if suspect.shape[0]:
+            v = S[suspect] - p
+            mine = v[ops.arange(suspect.shape[0]), owner[suspect]]
+            bad = suspect[mine < ops.row_max(v) - eps]
+        else:
+            bad = suspect
+        if bad.shape[0]:
             owner[bad] = -1
             kept = owner >= 0
             load = ops.bincount(owner[kept], E)

@@ -105,10 +105,6 @@ class NumpyOps:
         start = np.searchsorted(sorted_group, sorted_group, side="left")
         return np.arange(sorted_group.shape[0], dtype=np.int64) - start
 
-    def argsort_rows_desc(self, v: Any) -> Any:
-        """Row-wise order by descending value, lowest column first on ties."""
-        return np.argsort(-v, axis=1, kind="stable")
-
 
 class TorchOps:
     """torch implementations on the scores' device (float64 scores, int64 indices)."""
@@ -197,9 +193,6 @@ class TorchOps:
         torch = self.torch
         start = torch.searchsorted(sorted_group, sorted_group, right=False)
         return torch.arange(sorted_group.shape[0], device=sorted_group.device) - start
-
-    def argsort_rows_desc(self, v: Any) -> Any:
-        return self.torch.argsort(-v, dim=1, stable=True)
 
 
 def ops_for(scores: Any) -> NumpyOps | TorchOps:

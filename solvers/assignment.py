@@ -92,10 +92,13 @@ def balanced_assignment(
             back-end: ``"hungarian"`` (scipy on repeated columns), ``"lp"`` (cvxpy),
             ``"mincostflow"`` (networkx).
         options: per method.
-            auction / exact: ``tol`` (stop once ``gap_bound <= tol * sum_t max_e |S_te|``;
-            auction 1e-6, exact 1e-4 for its auction phase), ``eps_start`` (first epsilon,
-            relative to the score spread, 1/32), ``factor`` (epsilon divisor per phase, 8),
-            ``switch`` (free tokens at which a phase is finished by augmenting paths, 128).
+            auction: ``tol`` (stop once ``gap_bound <= tol * sum_t max_e |S_te|``, 1e-6),
+            ``eps_start`` (first epsilon, relative to the score spread ``max(S) - min(S)``,
+            1/32), ``factor`` (epsilon divisor per phase, 8), ``switch`` (free tokens at
+            which a phase's tail is handed to augmenting paths, 128).
+            exact: the same for its auction phase, except ``tol`` (its last epsilon relative
+            to the score spread, 1e-6; it only trades auction time against augmenting
+            paths, the result is optimal either way) and ``switch`` (32).
             sinkhorn: ``temperature`` (relative to the score spread, 1e-2), ``max_iter``
             (200), ``tol`` (column-marginal error per token, 1e-4).
             hungarian: ``max_entries`` (5e7). lp: ``solver`` (cvxpy solver name).
@@ -173,9 +176,13 @@ def _scales(S_host: np.ndarray) -> tuple[float, float]:
 
 
 def _auction_family(ops, S, cap, cap_x, *, exact, tol, eps_start, factor, switch):
+    """``auction`` (eps-optimal, on the input's back-end) or ``exact`` (on the host: auction
+    phases, then augmenting paths from exactly complementary-slack prices)."""
     for name, value, lo in (("tol", tol, 0.0), ("eps_start", eps_start, 0.0)):
         if not isinstance(value, (int, float)) or not value > lo:
             raise ValueError(f"{name} must be a number > {lo}, got {value!r}")
+    if isinstance(switch, bool) or not isinstance(switch, int) or switch < 0:
+        raise ValueError(f"switch must be an int >= 0, got {switch!r}")
     if not isinstance(factor, (int, float)) or not factor > 1:
         raise ValueError(f"factor must be a number > 1, got {factor!r}")
     S_host = ops.to_numpy(S)
@@ -184,13 +191,13 @@ def _auction_family(ops, S, cap, cap_x, *, exact, tol, eps_start, factor, switch
     if spread == 0.0:  # every score equal: any feasible assignment is optimal
         owner = np.repeat(np.arange(E), cap)[:T]
         return ops.from_numpy(owner, S), ops.full(E, 0.0), 0
-    # Start from the column means as prices: removes a per-expert offset (a popular expert)
-    # at once. Computed on the host so that every back-end starts from the same numbers.
     host = NumpyOps()
     if exact:
         first = S_host.argmax(axis=1)
         if (np.bincount(first, minlength=E) <= cap).all():  # the unconstrained optimum fits
             return ops.from_numpy(first, S), ops.full(E, 0.0), 0
+    # Start from the column means as prices: removes a per-expert offset (a popular expert)
+    # at once. Computed on the host so that every back-end starts from the same numbers.
     p_start = np.zeros(E)
     if int(cap.sum()) == T:
         p_start = S_host.mean(axis=0)
