@@ -237,8 +237,12 @@ class ExpertParallelMoE(nn.Module):
     every rank's batch (for routers that route each token on its own; see
     ``assignment`` for BASE). ``routing`` is the local routing (global expert ids).
 
-    The router and the policies are replicated and run on the local tokens; a capacity
-    policy therefore limits each expert per source rank (as GShard's local groups do).
+    The router and the policies are replicated and run on the local tokens: a capacity
+    policy therefore limits each expert per source rank (as GShard's local groups do),
+    batch-level routers (expert choice, BASE in ``"per_rank"`` mode) see the local batch,
+    and the auxiliary losses in ``routing.aux`` are those of the local tokens (as with
+    per-device balance losses; average them over the ranks, e.g. ``aux / world_size``
+    in each rank's loss).
     The experts are the local shard: an ``FFNExperts(E / W, d, h)`` holding the global
     experts ``expert_range(E, rank, W)`` (build it with :func:`shard_experts`).
 

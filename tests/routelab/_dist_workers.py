@@ -158,6 +158,19 @@ def make_router(kind: str, num_experts: int) -> Any:
         from routelab.routers.base_layer import BASERouter
 
         return BASERouter(D_MODEL, num_experts)
+    import routelab.routers as routers
+
+    others = {  # any other router: routelab.routers.<class>(d, E, **options)
+        "softmax": ("SoftmaxGate", {}),
+        "switch": ("SwitchGate", {}),
+        "noisy_topk": ("NoisyTopKGate", {}),
+        "dselect_k": ("DSelectKGate", {"k": 2}),
+        "expert_choice": ("ExpertChoiceRouter", {}),
+        "sinkhorn": ("SinkhornRouter", {}),
+    }
+    if kind in others:
+        name, options = others[kind]
+        return getattr(routers, name)(D_MODEL, num_experts, **options)
     raise ValueError(f"unknown router kind {kind!r}")
 
 
@@ -194,7 +207,8 @@ def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, Any]:
     ``case``: ``router`` kind, per-rank ``sizes``, ``assignment`` ("per_rank"/"global"),
     ``reference`` ("full": MoE on the concatenation; "chunks": router and policies on
     each rank's chunk, experts on the concatenation), optional ``capacity`` (a factor)
-    ``batched`` (feed ``[1, T_r, d]``) and ``activation`` of the experts.
+    ``batched`` (feed ``[1, T_r, d]``), ``activation`` of the experts and ``eval`` (the
+    router in evaluation mode).
     """
     import copy
 
@@ -210,6 +224,7 @@ def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(case.get("seed", 0))
     num_experts = case["num_experts"]
     router = make_router(case["router"], num_experts)
+    router.train(not case.get("eval", False))
     experts = FFNExperts(num_experts, D_MODEL, D_HIDDEN, activation=case.get("activation", "relu"))
     policies = [CapacityPolicy(case["capacity"])] if case.get("capacity") else []
     sizes = case["sizes"]

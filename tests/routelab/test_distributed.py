@@ -47,6 +47,14 @@ def _cases(world: int) -> list[dict]:
             ("base_global", "base", [6, 5], "global", "full", {}),
             ("base_per_rank_one_empty", "base", [0, 8], "per_rank", "chunks", {}),
             ("base_global_one_empty", "base", [0, 8], "global", "full", {}),
+            # the other routers: token-wise gates against the full batch, batch-level
+            # routers (expert choice, Sinkhorn-BASE) per rank or globally
+            ("softmax_dense", "softmax", [4, 3], "per_rank", "full", {}),
+            ("switch", "switch", [6, 2], "per_rank", "full", {}),
+            ("noisy_topk_eval", "noisy_topk", [3, 5], "per_rank", "full", {"eval": True}),
+            ("dselect_k", "dselect_k", [5, 4], "per_rank", "full", {}),
+            ("expert_choice_per_rank", "expert_choice", [6, 4], "per_rank", "chunks", {}),
+            ("sinkhorn_global", "sinkhorn", [5, 6], "global", "full", {}),
         ]
     else:
         spec = [
@@ -56,7 +64,11 @@ def _cases(world: int) -> list[dict]:
             ("base_per_rank", "base", [4, 0, 7, 3], "per_rank", "chunks", {}),
             ("base_global", "base", [4, 0, 7, 3], "global", "full", {}),
         ]
-    available = {"topk": True, "hash": HAS_HASH, "multi-hash": HAS_HASH, "base": HAS_BASE}
+    available = dict.fromkeys(
+        ["topk", "softmax", "switch", "noisy_topk", "dselect_k", "expert_choice"], True
+    )
+    available.update({"hash": HAS_HASH, "multi-hash": HAS_HASH, "base": HAS_BASE})
+    available["sinkhorn"] = HAS_BASE
     return [
         dict(
             name=name,
