@@ -164,6 +164,8 @@ def all_gather_rows(x: Tensor, group: dist.ProcessGroup | None = None) -> tuple[
     dist.all_gather(sizes_t, size, group=group)
     sizes = [int(s) for s in torch.cat(sizes_t).tolist()]
     longest = max(sizes)
+    if longest == 0:
+        return x.detach()[:0].clone(), sizes
     padded = x.new_zeros((longest, *x.shape[1:]))
     padded[: x.shape[0]] = x.detach()
     blocks = [torch.empty_like(padded) for _ in range(world)]

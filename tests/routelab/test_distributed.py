@@ -47,6 +47,7 @@ def _cases(world: int) -> list[dict]:
             ("base_global", "base", [6, 5], "global", "full", {}),
             ("base_per_rank_one_empty", "base", [0, 8], "per_rank", "chunks", {}),
             ("base_global_one_empty", "base", [0, 8], "global", "full", {}),
+            ("base_global_all_empty", "base", [0, 0], "global", "full", {}),
             # the other routers: token-wise gates against the full batch, batch-level
             # routers (expert choice, Sinkhorn-BASE) per rank or globally
             ("softmax_dense", "softmax", [4, 3], "per_rank", "full", {}),
