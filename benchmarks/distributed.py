@@ -17,12 +17,19 @@ import argparse
 import datetime
 import socket
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _timing import time_side_by_side  # benchmarks/ is on sys.path when run as a script
+
+try:
+    from _timing import time_side_by_side  # benchmarks/ is on sys.path when run as a script
+except ModuleNotFoundError:  # a spawned worker: the parent's _timing took benchmarks/ off it
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _timing import time_side_by_side  # (and takes it off again)
 
 import routelab.distributed as rd
 from routelab import FFNExperts, MoE
