@@ -10,8 +10,6 @@ gradients summed over the ranks against the reference router gradients.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -22,14 +20,6 @@ from routelab.routing import even_quota
 from tests.routelab._dist_workers import run_group
 
 TOL = 1e-5
-
-
-def _available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-HAS_HASH = _available("routelab.routers.hash")
-HAS_BASE = _available("routelab.routers.base_layer")
 
 
 def _cases(world: int) -> list[dict]:
@@ -65,11 +55,6 @@ def _cases(world: int) -> list[dict]:
             ("base_per_rank", "base", [4, 0, 7, 3], "per_rank", "chunks", {}),
             ("base_global", "base", [4, 0, 7, 3], "global", "full", {}),
         ]
-    available = dict.fromkeys(
-        ["topk", "softmax", "switch", "noisy_topk", "dselect_k", "expert_choice"], True
-    )
-    available.update({"hash": HAS_HASH, "multi-hash": HAS_HASH, "base": HAS_BASE})
-    available["sinkhorn"] = HAS_BASE
     return [
         dict(
             name=name,
@@ -82,18 +67,11 @@ def _cases(world: int) -> list[dict]:
             **extra,
         )
         for i, (name, router, sizes, mode, ref, extra) in enumerate(spec)
-        if available[router]
     ]
 
 
-def _case_names(world: int) -> list:
-    names: list = [c["name"] for c in _cases(world)]
-    for router, present in {"hash": HAS_HASH, "base": HAS_BASE}.items():
-        if not present:
-            names.append(
-                pytest.param(f"{router}_cases", marks=pytest.mark.skip(f"{router} not built yet"))
-            )
-    return names
+def _case_names(world: int) -> list[str]:
+    return [c["name"] for c in _cases(world)]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +116,6 @@ def test_ranks_saw_their_own_batch_sizes(world2, world4):
             assert got == case["sizes"]
 
 
-@pytest.mark.skipif(not HAS_BASE, reason="BASERouter not built yet")
 def test_base_modes_balance_per_rank_or_over_all_ranks(world2, world4):
     for outcomes, world in ((world2, 2), (world4, 4)):
         results = _results(outcomes)
