@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -48,11 +49,21 @@ def _settings(args: argparse.Namespace):
     return settings
 
 
-def _threads(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def _threads(args: argparse.Namespace) -> Iterator[None]:
+    """Run with ``--threads`` torch intra-op threads (default 1), restored afterwards.
+
+    The models are tiny: one thread is fastest, and on a shared machine extra threads
+    mostly spin.
+    """
     import torch
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads if args.threads is not None else 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -60,16 +71,16 @@ def _compare(args: argparse.Namespace) -> int:
     from analysis.compare import compare, results_table
     from analysis.data import DATASETS
 
-    _threads(args)
     datasets = DATASETS if args.dataset == "all" else (args.dataset,)
     routers = [r for r in args.routers.split(",") if r] if args.routers else None
-    results = compare(
-        args.out,
-        routers=routers,
-        datasets=datasets,
-        settings=_settings(args),
-        progress=not args.no_progress,
-    )
+    with _threads(args):
+        results = compare(
+            args.out,
+            routers=routers,
+            datasets=datasets,
+            settings=_settings(args),
+            progress=not args.no_progress,
+        )
     for name, rows in results.items():
         print(f"\n## {name}\n")
         print(results_table(rows))
@@ -94,16 +105,16 @@ def _sweep(args: argparse.Namespace) -> int:
     """A grid over loss coefficients; the balance table of every cell."""
     from analysis.compare import sweep
 
-    _threads(args)
     grid = _parse_grid(args.grid) if args.grid else None
-    sweep(
-        args.out,
-        router=args.router,
-        grid=grid,
-        dataset=args.dataset,
-        settings=_settings(args),
-        progress=not args.no_progress,
-    )
+    with _threads(args):
+        sweep(
+            args.out,
+            router=args.router,
+            grid=grid,
+            dataset=args.dataset,
+            settings=_settings(args),
+            progress=not args.no_progress,
+        )
     print((__import__("pathlib").Path(args.out) / "sweep.md").read_text())
     return 0
 
@@ -117,7 +128,7 @@ def _training_options(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (3e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (tests)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

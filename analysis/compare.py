@@ -276,7 +276,7 @@ def _write_plots(out: Path, dataset: Dataset, results: Sequence[RunResult]) -> l
         plots.plot_cv_over_steps(
             {r.router: r.cv_history for r in results},
             out / f"{name}_cv_load.png",
-            title=f"{name}: CV(load) per training step",
+            title=f"{name}: CV(load) per training step (moving average)",
         )
     )
     files.append(
@@ -298,7 +298,9 @@ def _write_plots(out: Path, dataset: Dataset, results: Sequence[RunResult]) -> l
                 ylabel="layer-1 expert",
             )
         )
-    best = max(results, key=lambda r: r.mutual_information)
+    # the single heatmap: the most specialised router among those that drop < 5%
+    few_drops = [r for r in results if r.train_stats.dropped_fraction < 0.05] or list(results)
+    best = max(few_drops, key=lambda r: r.mutual_information)
     files.append(
         plots.plot_heatmap(
             best.table,

@@ -44,29 +44,62 @@ def _save(fig: Figure, path: str | Path) -> Path:
 def plot_load(
     loads: Mapping[str, object] | object, path: str | Path, *, title: str = "Load per expert"
 ) -> Path:
-    """Bar chart of the load per expert; ``loads`` is ``[E]`` or ``{name: [E]}`` (grouped).
+    """The load per expert relative to the mean (1 = perfectly even).
 
-    Loads are shown relative to the mean (1 = perfectly even) so routers with
-    different k compare on one axis.
+    ``loads`` is one vector ``[E]`` (a bar chart) or ``{name: [E]}``: up to four series
+    are grouped bars, more are drawn as a table (rows: series, columns: experts) coloured
+    blue below the mean and red above it, each cell labelled with its value.
     """
     series = dict(loads) if isinstance(loads, Mapping) else {"load": loads}
     if not series:
         raise ValueError("loads must hold at least one load vector")
     arrays = {name: _array(f"loads[{name!r}]", v, 1) for name, v in series.items()}
-    num = len(arrays)
-    fig = Figure(figsize=(max(6.0, 0.25 * num * max(len(a) for a in arrays.values())), 3.6))
+    relative = {}
+    for name, arr in arrays.items():
+        mean = arr.mean() if arr.size and arr.mean() > 0 else 1.0
+        relative[name] = arr / mean
+    if len(relative) > 4:
+        return _load_table(relative, path, title)
+    num = len(relative)
+    fig = Figure(figsize=(max(6.0, 0.3 * num * max(a.size for a in relative.values())), 3.6))
     ax = fig.add_subplot()
     width = 0.8 / num
-    for i, (name, arr) in enumerate(arrays.items()):
-        mean = arr.mean() if arr.size and arr.mean() > 0 else 1.0
+    for i, (name, arr) in enumerate(relative.items()):
         x = np.arange(arr.size) + (i - (num - 1) / 2) * width
-        ax.bar(x, arr / mean, width=width, label=name)
+        ax.bar(x, arr, width=width, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xlabel("expert")
     ax.set_ylabel("load / mean load")
     ax.set_title(title)
     if num > 1:
         ax.legend(fontsize=7, ncol=min(4, num))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _load_table(relative: Mapping[str, np.ndarray], path: str | Path, title: str) -> Path:
+    from matplotlib.colors import TwoSlopeNorm
+
+    names = list(relative)
+    width = max(a.size for a in relative.values())
+    grid = np.full((len(names), width), np.nan)
+    for i, name in enumerate(names):
+        grid[i, : relative[name].size] = relative[name]
+    top = max(2.0, float(np.nanmax(grid)) if np.isfinite(grid).any() else 2.0)
+    fig = Figure(figsize=(2.5 + 0.55 * width, 0.8 + 0.32 * len(names)))
+    ax = fig.add_subplot()
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top)
+    image = ax.imshow(grid, aspect="auto", cmap="coolwarm", norm=norm)
+    if width <= 32:
+        for (i, j), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(width))
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=7)
+    ax.set_xlabel("expert")
+    ax.set_title(title + " (load / mean)")
+    fig.colorbar(image, ax=ax, label="load / mean load")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -78,23 +111,42 @@ def plot_cv_over_steps(
     steps: Sequence[int] | None = None,
     title: str = "CV(load) over training",
     ylabel: str = "CV(load)",
+    smooth: int | None = None,
 ) -> Path:
-    """One line per router: ``{name: [value per step]}`` (e.g. CV of the load)."""
+    """One line per router: ``{name: [value per step]}`` (e.g. CV of the load).
+
+    ``smooth`` > 1 draws the moving average over that many steps (default: about 1/30
+    of the run) so that the per-batch noise does not hide the trend.
+    """
     if not curves:
         raise ValueError("curves must hold at least one series")
-    fig = Figure(figsize=(7.0, 4.0))
+    fig = Figure(figsize=(8.5, 4.2))
     ax = fig.add_subplot()
-    for name, values in curves.items():
+    colours = [cm_tab20(i % 20) for i in range(len(curves))]
+    for i, (name, values) in enumerate(curves.items()):
         arr = _array(f"curves[{name!r}]", list(values), 1)
-        x = np.arange(arr.size) if steps is None else np.asarray(steps)[: arr.size]
-        ax.plot(x, arr, label=name, linewidth=1.2)
+        window = smooth if smooth is not None else max(1, arr.size // 30)
+        if window > 1 and arr.size >= window:
+            arr = np.convolve(arr, np.ones(window) / window, mode="valid")
+        x = np.arange(arr.size) + (window - 1 if window > 1 else 0)
+        if steps is not None:
+            x = np.asarray(steps)[x[x < len(steps)]]
+        style = ("-", "--", ":")[(i // 20) % 3] if len(curves) > 20 else ("-", "--")[i % 2]
+        ax.plot(x, arr, label=name, linewidth=1.3, color=colours[i], linestyle=style)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.set_yscale("symlog", linthresh=0.1)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return _save(fig, path)
+
+
+def cm_tab20(i: int) -> tuple[float, float, float, float]:
+    """Colour ``i`` of matplotlib's 20-colour qualitative map."""
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](i)
 
 
 def plot_heatmap(
@@ -121,7 +173,7 @@ def plot_heatmap(
     fig.colorbar(image, ax=ax, label="share" if normalise else "count")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     if cols <= 32:
         ax.set_xticks(range(cols))
         if xticklabels is not None:

@@ -29,3 +29,14 @@ def test_every_plot_writes_a_valid_png(tmp_path):
 def test_heatmap_grid(tmp_path):
     tables = {f"r{i}": torch.rand(4, 3) for i in range(5)}
     _valid_png(plots.plot_heatmap_grid(tables, tmp_path / "grid.png", columns=2))
+
+
+def test_load_table_for_many_series_and_bad_input(tmp_path):
+    loads = {f"router{i}": torch.arange(6.0) * i for i in range(6)}  # router0 is all zero
+    _valid_png(plots.plot_load(loads, tmp_path / "table.png"))
+    import pytest
+
+    with pytest.raises(ValueError, match="1-D"):
+        plots.plot_load(torch.zeros(2, 2), tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="normalise"):
+        plots.plot_heatmap(torch.ones(2, 2), tmp_path / "bad.png", normalise="diag")
