@@ -24,10 +24,11 @@ import itertools
 
 import numpy as np
 
-__all__ = ["count_violators", "finish", "unassign_violators"]
+__all__ = ["count_violators", "finish", "unassign_violators", "violators"]
 
 
-def _violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float) -> np.ndarray:
+def violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float = 0.0) -> np.ndarray:
+    """bool ``[T]``: the assigned tokens that are not delta-CS for prices p."""
     v = S - p
     mine = v[np.arange(S.shape[0]), np.maximum(owner, 0)]
     return (owner >= 0) & (mine < v.max(axis=1) - delta)
@@ -35,12 +36,12 @@ def _violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float) ->
 
 def count_violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float = 0.0) -> int:
     """How many assigned tokens are not delta-CS for prices p."""
-    return int(_violators(S, p, owner, delta).sum())
+    return int(violators(S, p, owner, delta).sum())
 
 
 def unassign_violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float) -> int:
     """Free every assigned token that is not delta-CS for prices p; returns how many."""
-    bad = _violators(S, p, owner, delta)
+    bad = violators(S, p, owner, delta)
     owner[bad] = -1
     return int(bad.sum())
 

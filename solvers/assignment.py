@@ -23,7 +23,7 @@ import numpy as np
 from solvers import _reference
 from solvers._auction import auction, duals_for, greedy
 from solvers._duals import dual_value, objective_value, prices_from_assignment
-from solvers._exact import count_violators, finish, unassign_violators
+from solvers._exact import finish, violators
 from solvers._ops import NumpyOps, ops_for
 from solvers._validate import check_capacity, check_scores, is_torch
 
@@ -208,8 +208,8 @@ def _auction_family(ops, S, cap, cap_x, *, exact, tol, eps_start, factor, switch
     settings = dict(factor=factor, switch=switch, S_host=S_host, cap_host=cap)
     if exact:
         finals = [tol * spread]
-        if integral and 1e-3 > tol:
-            finals.insert(0, 1e-3 * spread)
+        if integral:  # try to certify early, at a coarse epsilon
+            finals[:0] = [x * spread for x in (1e-1, 1e-2) if x > tol]
         p, owner, rounds, eps = p_start, None, 0, eps_start * spread
         for i, eps_final in enumerate(finals):
             owner, p, r, _ = auction(
@@ -224,20 +224,23 @@ def _auction_family(ops, S, cap, cap_x, *, exact, tol, eps_start, factor, switch
                 **settings,
             )
             rounds += r
-            if count_violators(S_host, p, owner) <= 4 * switch:
+            bad = violators(S_host, p, owner)
+            if bad.sum() <= 4 * switch:
                 break
             # Many tokens off by less than eps: complete the assignment and try the prices
             # of its exchange graph, exact if it is optimal already.
             trial, p_done, aug = finish(S_host, cap, p, owner.copy(), eps_final)
             rounds += aug
             p_graph = prices_from_assignment(S_host, cap, trial)
-            n_graph = count_violators(S_host, p_graph, trial)
-            if n_graph <= 4 * switch or i == len(finals) - 1:
-                better = n_graph < count_violators(S_host, p_done, trial)
-                owner, p = trial, (p_graph if better else p_done)
+            bad = violators(S_host, p_graph, trial)
+            if bad.sum() <= 4 * switch or i == len(finals) - 1:
+                owner, p = trial, p_graph
+                bad_done = violators(S_host, p_done, trial)
+                if bad_done.sum() < bad.sum():
+                    p, bad = p_done, bad_done
                 break
             eps = eps_final / factor
-        unassign_violators(S_host, p, owner, 0.0)
+        owner[bad] = -1
         owner, p, aug = finish(S_host, cap, p, owner, 0.0)
         return ops.from_numpy(owner, S), ops.from_numpy(p, S), rounds + aug
     eps_final = tol * magnitude / T
