@@ -246,7 +246,7 @@ def _auction_family(ops, S, cap, cap_x, *, exact, tol, eps_start, factor, switch
     eps_final = tol * magnitude / T
     eps_check = eps_final * factor**2
     if integral:
-        eps_check = max(eps_check, 1e-3 * spread)
+        eps_check = max(eps_check, 1e-1 * spread)
     owner, p, rounds, _ = auction(
         ops,
         S,
