@@ -32,7 +32,7 @@ __all__ = ["METHODS", "AssignmentResult", "balanced_assignment"]
 METHODS = ("auction", "exact", "sinkhorn", "greedy", "hungarian", "lp", "mincostflow")
 
 _OPTIONS: dict[str, dict[str, Any]] = {
-    "auction": {"tol": 1e-6, "eps_start": 1 / 32, "factor": 8.0, "switch": 128},
+    "auction": {"tol": 1e-6, "eps_start": 1 / 32, "factor": 8.0, "switch": 32},
     "exact": {"tol": 1e-6, "eps_start": 1 / 32, "factor": 8.0, "switch": 32},
     "sinkhorn": {"temperature": 1e-2, "max_iter": 200, "tol": 1e-4},
     "greedy": {},
@@ -95,10 +95,10 @@ def balanced_assignment(
             auction: ``tol`` (stop once ``gap_bound <= tol * sum_t max_e |S_te|``, 1e-6),
             ``eps_start`` (first epsilon, relative to the score spread ``max(S) - min(S)``,
             1/32), ``factor`` (epsilon divisor per phase, 8), ``switch`` (free tokens at
-            which a phase's tail is handed to augmenting paths, 128).
+            which a phase's tail is handed to augmenting paths, 32).
             exact: the same for its auction phase, except ``tol`` (its last epsilon relative
             to the score spread, 1e-6; it only trades auction time against augmenting
-            paths, the result is optimal either way) and ``switch`` (32).
+            paths, the result is optimal either way).
             sinkhorn: ``temperature`` (relative to the score spread, 1e-2), ``max_iter``
             (200), ``tol`` (column-marginal error per token, 1e-4).
             hungarian: ``max_entries`` (5e7). lp: ``solver`` (cvxpy solver name).
