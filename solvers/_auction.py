@@ -11,14 +11,17 @@ objects with ``c_e`` identical copies), Jacobi bidding with epsilon scaling:
 - token t, unassigned, values expert e at ``v_te = S_te - p_e``; it bids for its best
   expert ``j`` the amount ``b_t = p_j + (w1 - w2) + eps`` (w1, w2 the best and second-best
   values), i.e. the price at which it would be indifferent, plus eps;
-- expert e keeps its ``c_e`` highest bids (ties: lower token id); the rest are free again;
-  once full, its price is its lowest held bid, so prices never fall;
+- expert e keeps its ``c_e`` highest bids (a tie goes to the holder, then to the lower
+  token id); the rest are free again; once full, its price is its lowest held bid, so
+  prices never fall;
 - on termination every token is within eps of its best value (eps-complementary slackness),
   hence ``D(p) - objective <= T * eps`` (experts with spare capacity keep price 0).
 
 Epsilon scaling runs phases with eps divided by ``factor`` each time, keeping the prices
 and the tokens still eps-optimal, and stops early as soon as the certified gap
-``D(p) - objective`` is within the tolerance.
+``D(p) - objective`` is within the tolerance. The long tail of a phase (a few free tokens
+pushing each other along chains of displacements, one step per round) is handed to
+shortest augmenting paths on the E-node exchange graph (:mod:`solvers._exact`).
 """
 
 from __future__ import annotations
