@@ -475,8 +475,10 @@ def sweep(
         json.dumps({"router": router, "dataset": dataset, "grid": grid, "cells": cells}, indent=1)
     )
     lines = [f"# routelab sweep: {router} on {dataset}", ""]
-    for quantity in ("cv_load", "cv_importance", "max_over_mean", "dropped_pct", "metric"):
-        lines += [f"## {quantity}", ""]
+    titles = {"metric": f"metric ({data.metric})", "mutual_information": "I(expert; label)"}
+    quantities = ("cv_load", "cv_importance", "max_over_mean", "dropped_pct")
+    for quantity in (*quantities, "mutual_information", "metric"):
+        lines += [f"## {titles.get(quantity, quantity)}", ""]
         head = [f"{rows_key} \\ {cols_key}" if cols_key else rows_key]
         head += [str(b) for b in col_values] if cols_key else [quantity]
         lines.append("| " + " | ".join(head) + " |")

@@ -22,6 +22,8 @@ Definitions (E experts; ``load [E]`` entries per expert; ``importance [E]``):
   or pausing policy recorded ``routing.dropped``; 0 otherwise.
 - ``capacity_utilisation``: kept entries / (capacity * E), where a capacity policy ran
   (``routing.capacity`` is set); None otherwise.
+- ``unrouted_fraction``: the fraction of tokens left with no kept entry (dropped by a
+  capacity policy, or picked by no expert under expert choice).
 
 Conventions for the degenerate cases, so every field is a finite number:
 
