@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--routers", default=None, help="comma-separated router names (default: all available)"
     )
     cmp.add_argument("--dataset", choices=("all", "tokens", "digits"), default="all")
-    _training_options(cmp, "routelab-report")
+    _training_options(cmp, "reports/compare")
     cmp.set_defaults(func=_compare)
 
     swp = sub.add_parser("sweep", help="grid over loss coefficients; balance table per cell")
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "importance_weight and load_weight over 0,0.01,0.1,1)",
     )
     swp.add_argument("--dataset", choices=("tokens", "digits"), default="digits")
-    _training_options(swp, "routelab-sweep")
+    _training_options(swp, "reports/sweep")
     swp.set_defaults(func=_sweep)
     return parser
 
