@@ -3,6 +3,10 @@
 import re
 from pathlib import Path
 
+# torch 2.13: torch._dynamo imported after init_process_group (the README's expert-
+# parallel example) keeps the gloo group alive past destroy and can abort at exit.
+import torch._dynamo  # noqa: F401
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
