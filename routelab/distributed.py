@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from routelab.experts import ExpertDispatch, FFNExperts
-from routelab.moe import MoE, MoEOutput
+from routelab.moe import MoE, MoEOutput, flatten_tokens
 from routelab.policies import Policy
 from routelab.router import Router, check_router_input
 from routelab.routing import Routing
@@ -185,16 +185,7 @@ def shard_experts(experts: FFNExperts, rank: int, world_size: int) -> FFNExperts
     if not isinstance(experts, FFNExperts):
         raise TypeError(f"experts must be an FFNExperts, got {type(experts).__name__}")
     ids = expert_range(experts.num_experts, rank, world_size)
-    shard = FFNExperts(
-        len(ids),
-        experts.d_model,
-        experts.d_hidden,
-        activation=experts.activation,
-        bias=experts.b_in is not None,
-        grouped_gemm=experts.grouped_gemm,
-        device=experts.w_in.device,
-        dtype=experts.w_in.dtype,
-    )
+    shard = experts.with_num_experts(len(ids))
     with torch.no_grad():
         for name in _EXPERT_PARAMS:
             full = getattr(experts, name)
@@ -209,16 +200,7 @@ def gather_experts(shard: FFNExperts, group: dist.ProcessGroup | None = None) ->
     if not isinstance(shard, FFNExperts):
         raise TypeError(f"shard must be an FFNExperts, got {type(shard).__name__}")
     _, world = _group_info(group)
-    full = FFNExperts(
-        shard.num_experts * world,
-        shard.d_model,
-        shard.d_hidden,
-        activation=shard.activation,
-        bias=shard.b_in is not None,
-        grouped_gemm=shard.grouped_gemm,
-        device=shard.w_in.device,
-        dtype=shard.w_in.dtype,
-    )
+    full = shard.with_num_experts(shard.num_experts * world)
     with torch.no_grad():
         for name in _EXPERT_PARAMS:
             local = getattr(shard, name)
@@ -362,22 +344,7 @@ class ExpertParallelMoE(nn.Module):
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
         """``x [..., d]`` (and ``token_ids [...]``) -> ``MoEOutput(output [..., d], routing)``."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 1:
-            raise ValueError("x must have at least one dimension [..., d_model]")
-        leading = x.shape[:-1]
-        flat_x = x.reshape(-1, x.shape[-1])
-        flat_ids = None
-        if token_ids is not None:
-            if not isinstance(token_ids, Tensor):
-                raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
-            if token_ids.shape != leading:
-                raise ValueError(
-                    f"token_ids must have the shape of x without its last dimension, "
-                    f"{tuple(leading)}, got {tuple(token_ids.shape)}"
-                )
-            flat_ids = token_ids.reshape(-1)
+        flat_x, flat_ids, leading = flatten_tokens(x, token_ids)
         weight = self.experts.w_in
         if flat_x.dtype != weight.dtype or flat_x.device != weight.device:
             raise TypeError(

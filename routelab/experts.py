@@ -218,6 +218,20 @@ class FFNExperts(Experts):
         self.b_out = nn.Parameter(torch.empty(E, d, **factory)) if bias else None
         self.reset_parameters()
 
+    def with_num_experts(self, num_experts: int) -> FFNExperts:
+        """A new FFNExperts of the same configuration, device and dtype with
+        ``num_experts`` experts (freshly initialised): shards and their inverse."""
+        return FFNExperts(
+            num_experts,
+            self.d_model,
+            self.d_hidden,
+            activation=self.activation,
+            bias=self.b_in is not None,
+            grouped_gemm=self.grouped_gemm,
+            device=self.w_in.device,
+            dtype=self.w_in.dtype,
+        )
+
     def reset_parameters(self) -> None:
         """Each expert initialised as ``nn.Linear`` would be: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
         bound_in, bound_out = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_hidden)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from routelab.experts import Experts
@@ -12,7 +13,7 @@ from routelab.policies import Policy
 from routelab.router import Router
 from routelab.routing import Routing
 
-__all__ = ["MoE", "MoEOutput"]
+__all__ = ["MoE", "MoEOutput", "flatten_tokens"]
 
 
 class MoEOutput(NamedTuple):
@@ -66,24 +67,33 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
         """``x [..., d]`` (and ``token_ids [...]``) -> ``MoEOutput(output [..., d], routing)``."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 1:
-            raise ValueError("x must have at least one dimension [..., d_model]")
-        leading = x.shape[:-1]
-        flat_x = x.reshape(-1, x.shape[-1])
-        flat_ids = None
-        if token_ids is not None:
-            if not isinstance(token_ids, Tensor):
-                raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
-            if token_ids.shape != leading:
-                raise ValueError(
-                    f"token_ids must have the shape of x without its last dimension, "
-                    f"{tuple(leading)}, got {tuple(token_ids.shape)}"
-                )
-            flat_ids = token_ids.reshape(-1)
+        flat_x, flat_ids, leading = flatten_tokens(x, token_ids)
         routing = self.router(flat_x, flat_ids)
         for policy in self.policies:
             routing = policy(routing)
         y = self.experts(flat_x, routing)
         return MoEOutput(y.reshape(*leading, y.shape[-1]), routing)
+
+
+def flatten_tokens(x: object, token_ids: object = None) -> tuple[Tensor, Tensor | None, torch.Size]:
+    """``x [..., d] -> [T, d]`` and ``token_ids [...] -> [T]``, plus the leading shape.
+
+    Raises a clear error for a non-tensor, a 0-d ``x`` or ``token_ids`` whose shape is not
+    ``x``'s without its last dimension.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., d_model]")
+    leading = x.shape[:-1]
+    flat_ids = None
+    if token_ids is not None:
+        if not isinstance(token_ids, Tensor):
+            raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
+        if token_ids.shape != leading:
+            raise ValueError(
+                f"token_ids must have the shape of x without its last dimension, "
+                f"{tuple(leading)}, got {tuple(token_ids.shape)}"
+            )
+        flat_ids = token_ids.reshape(-1)
+    return x.reshape(-1, x.shape[-1]), flat_ids, leading
