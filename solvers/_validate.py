@@ -6,12 +6,37 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_capacity", "check_scores", "even_capacity", "is_torch"]
+__all__ = ["as_real_numpy", "check_capacity", "check_scores", "even_capacity", "is_torch"]
 
 
 def is_torch(x: Any) -> bool:
     """Whether ``x`` is a torch tensor (without importing torch when it is not loaded)."""
     return type(x).__module__.startswith("torch") and hasattr(x, "device")
+
+
+def as_real_numpy(name: str, value: Any, ndim: int, shape: str) -> tuple[np.ndarray, Any]:
+    """``value`` (numpy array, list or torch tensor) as a finite float64 numpy array of
+    ``ndim`` dimensions, plus the torch tensor it came from (None for numpy input), so the
+    caller can return torch results on the same device. ``shape`` names the expected shape
+    in error messages, e.g. ``"[n, d]"``.
+    """
+    source = None
+    if is_torch(value):
+        import torch
+
+        source = value
+        value = value.detach().to("cpu", torch.float64).numpy()
+    arr = np.asarray(value)
+    if arr.dtype == bool or not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    ):
+        raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {shape}, got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite (found NaN or inf)")
+    return arr, source
 
 
 def check_scores(scores: Any) -> Any:

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from solvers._validate import as_real_numpy
+
 __all__ = ["KMeansResult", "kmeans"]
 
 
@@ -158,25 +160,7 @@ def kmeans(
         >>> sorted(r.centers[:, 0].round(2).tolist())
         [0.05, 10.1]
     """
-    source = None
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            source = x
-            x = x.detach().to("cpu", torch.float64).numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    arr = np.asarray(x)
-    if arr.dtype == bool or not (
-        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-    ):
-        raise TypeError(f"x must be a real numeric array, got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"x must be 2-D [n, d], got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        raise ValueError("x must be finite (found NaN or inf)")
+    arr, source = as_real_numpy("x", x, 2, "[n, d]")
     for name, value, low in (("k", k, 1), ("n_init", n_init, 1), ("max_iter", max_iter, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")

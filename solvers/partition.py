@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from solvers._validate import as_real_numpy
+
 __all__ = ["PartitionResult", "balanced_partition", "greedy_partition"]
 
 
@@ -64,25 +66,7 @@ class PartitionResult:
 
 def _as_weights(weights: object) -> tuple[np.ndarray, Any]:
     """Weights as float64 numpy ``[n]`` plus the torch tensor they came from (or None)."""
-    source = None
-    try:
-        import torch
-
-        if isinstance(weights, torch.Tensor):
-            source = weights
-            weights = weights.detach().to("cpu", torch.float64).numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    arr = np.asarray(weights)
-    if arr.dtype == bool or not (
-        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-    ):
-        raise TypeError(f"weights must be a real numeric array, got dtype {arr.dtype}")
-    if arr.ndim != 1:
-        raise ValueError(f"weights must be 1-D [n], got shape {arr.shape}")
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
-        raise ValueError("weights must be finite (found NaN or inf)")
+    arr, source = as_real_numpy("weights", weights, 1, "[n]")
     if arr.size and arr.min() < 0:
         raise ValueError(f"weights must be >= 0, min is {arr.min()}")
     return arr, source
