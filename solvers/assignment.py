@@ -33,7 +33,7 @@ METHODS = ("auction", "exact", "sinkhorn", "greedy", "hungarian", "lp", "mincost
 
 _OPTIONS: dict[str, dict[str, Any]] = {
     "auction": {"tol": 1e-6, "eps_start": 1 / 32, "factor": 8.0, "switch": 32},
-    "exact": {"tol": 1e-6, "eps_start": 1 / 32, "factor": 8.0, "switch": 32},
+    "exact": {"tol": 1e-6, "eps_start": 1 / 128, "factor": 8.0, "switch": 64},
     "sinkhorn": {"temperature": 1e-2, "max_iter": 200, "tol": 1e-4},
     "greedy": {},
     "hungarian": {"max_entries": 50_000_000},
@@ -98,7 +98,7 @@ def balanced_assignment(
             which a phase's tail is handed to augmenting paths, 32).
             exact: the same for its auction phase, except ``tol`` (its last epsilon relative
             to the score spread, 1e-6; it only trades auction time against augmenting
-            paths, the result is optimal either way).
+            paths, the result is optimal either way), ``eps_start`` 1/128, ``switch`` 64.
             sinkhorn: ``temperature`` (relative to the score spread, 1e-2), ``max_iter``
             (200), ``tol`` (column-marginal error per token, 1e-4).
             hungarian: ``max_entries`` (5e7). lp: ``solver`` (cvxpy solver name).
