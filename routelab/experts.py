@@ -81,17 +81,19 @@ class ExpertDispatch:
     ) -> Tensor:
         """The segment loop: ``y [T, d_out] = sum_n weight_n * expert_fn(expert_n, x[token_n])``.
 
-        Per non-empty expert e: gather its rows of ``x [T, d]``, run ``expert_fn(e, rows)``,
-        weight them and scatter-add them in place into ``y``. With no entry at all, expert
-        0 runs on zero rows so that ``y`` stays in the autograd graph.
+        The rows are gathered once (one ``[T, d]`` gradient scatter in backward, not one
+        per expert) and split into per-expert views; each expert's output is weighted and
+        scatter-added in place into ``y``. With no entry at all, expert 0 runs on zero rows
+        so that ``y`` stays in the autograd graph.
         """
         acc_dtype = _accumulation_dtype(x.dtype)
         out = x.new_zeros((x.shape[0], d_out), dtype=acc_dtype)
+        inputs = torch.split(self.gather(x), self.counts)
         tokens = torch.split(self.token, self.counts)
         weights = torch.split(self.weight, self.counts)
         active = [e for e, n in enumerate(self.counts) if n] or [0]
         for e in active:
-            rows = expert_fn(e, x.index_select(0, tokens[e]))
+            rows = expert_fn(e, inputs[e])
             if rows.dim() != 2 or rows.shape[1] != d_out:
                 raise ValueError(
                     f"expert {e} produced shape {tuple(rows.shape)}, expected [n, {d_out}]"
