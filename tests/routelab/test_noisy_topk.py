@@ -85,7 +85,7 @@ def test_importance_is_uniform_at_zero_init():
     # each token adds a weight in [0, 1] to an expert: sd of the sum <= sqrt(T) / 2
     assert (importance - T / E).abs().max() < 5 * T**0.5 / 2
     assert (routing.load() - T * k / E).abs().max() < 5 * T**0.5 / 2
-    assert float(routing.aux["importance"]) < 1e-2
+    assert routing.aux["importance"].item() < 1e-2
 
 
 @given(T=st.integers(0, 25), E=st.integers(1, 6), seed=st.integers(0, 999), data=st.data())
@@ -102,7 +102,7 @@ def test_losses_match_their_formulas(T, E, seed, data):
         torch.manual_seed(seed)
         routing = gate.train(train)(x)
         importance = routing.to_dense().sum(dim=0).detach().numpy()
-        assert float(routing.aux["importance"]) == pytest.approx(0.3 * cv2(importance), abs=1e-9)
+        assert routing.aux["importance"].item() == pytest.approx(0.3 * cv2(importance), abs=1e-9)
         if train and T:
             clean = x @ gate.w_gate
             std = F.softplus(x @ gate.w_noise) + gate.noise_epsilon
@@ -111,7 +111,7 @@ def test_losses_match_their_formulas(T, E, seed, data):
             load = smooth_load(clean, h, std, k).sum(dim=0).detach().numpy()
         else:
             load = routing.load().numpy()
-        assert float(routing.aux["load"]) == pytest.approx(0.7 * cv2(load), abs=1e-9)
+        assert routing.aux["load"].item() == pytest.approx(0.7 * cv2(load), abs=1e-9)
 
 
 def test_zero_weights_switch_the_losses_off():
@@ -192,7 +192,7 @@ def test_cv_squared():
     zero = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     loss = cv_squared(zero)
     loss.backward()
-    assert float(loss) == 0.0 and torch.equal(zero.grad, torch.zeros(3, dtype=torch.float64))
+    assert loss.item() == 0.0 and torch.equal(zero.grad, torch.zeros(3, dtype=torch.float64))
     assert float(cv_squared(torch.tensor([5.0]))) == 0.0
     assert torch.autograd.gradcheck(cv_squared, (v.clone().requires_grad_(),))
 

@@ -73,12 +73,12 @@ def test_aux_losses_match_their_formulas(T, E, seed):
     logits = gate.proj(x)
     z = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist())
     expected_z = 0.5 * z / T if T else 0.0
-    assert float(routing.aux["z"]) == pytest.approx(expected_z, rel=1e-9, abs=1e-12)
+    assert routing.aux["z"].item() == pytest.approx(expected_z, rel=1e-9, abs=1e-12)
     probs = torch.softmax(logits, dim=1)
     f = [sum(1 for t in range(T) if int(probs[t].argmax()) == i) / max(T, 1) for i in range(E)]
     P = probs.mean(dim=0).tolist() if T else [0.0] * E
     expected = 0.02 * E * sum(fi * pi for fi, pi in zip(f, P))
-    assert float(routing.aux["balance"]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert routing.aux["balance"].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 def test_zero_weights_switch_the_losses_off():
