@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from routelab.experts import ExpertDispatch, FFNExperts
 from routelab.moe import MoE, MoEOutput, flatten_tokens
-from routelab.policies import Policy
+from routelab.policies import Policy, policy_list
 from routelab.router import Router, check_router_input
 from routelab.routing import Routing
 
@@ -286,14 +286,9 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(
                 f"router has d_model = {router.d_model} but experts has {experts.d_model}"
             )
-        for i, policy in enumerate(policies):
-            if not isinstance(policy, nn.Module):
-                raise TypeError(
-                    f"policies[{i}] must be a Policy module, got {type(policy).__name__}"
-                )
         self.router = router
         self.experts = experts
-        self.policies = nn.ModuleList(policies)
+        self.policies = policy_list(policies)
         self.group = group
         self.assignment = assignment
         self.rank, self.world_size = rank, world

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from routelab.experts import Experts
-from routelab.policies import Policy
+from routelab.policies import Policy, policy_list
 from routelab.router import Router
 from routelab.routing import Routing
 
@@ -52,14 +52,9 @@ class MoE(nn.Module):
                 f"router has num_experts = {router.num_experts} but experts has "
                 f"{experts.num_experts}"
             )
-        for i, policy in enumerate(policies):
-            if not isinstance(policy, nn.Module):
-                raise TypeError(
-                    f"policies[{i}] must be a Policy module, got {type(policy).__name__}"
-                )
         self.router = router
         self.experts = experts
-        self.policies = nn.ModuleList(policies)
+        self.policies = policy_list(policies)
 
     @property
     def num_experts(self) -> int:

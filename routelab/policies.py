@@ -7,6 +7,8 @@ A policy is an ``nn.Module`` (it may hold state, e.g. running loads) whose
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -27,6 +29,14 @@ class Policy(nn.Module):
         if not isinstance(routing, Routing):
             raise TypeError(f"routing must be a routelab.Routing, got {type(routing).__name__}")
         return routing
+
+
+def policy_list(policies: Sequence[nn.Module]) -> nn.ModuleList:
+    """Validate an MoE layer's ``policies`` argument: every entry a Policy module."""
+    for i, policy in enumerate(policies):
+        if not isinstance(policy, nn.Module):
+            raise TypeError(f"policies[{i}] must be a Policy module, got {type(policy).__name__}")
+    return nn.ModuleList(policies)
 
 
 class CapacityPolicy(Policy):
