@@ -1,0 +1,32 @@
+"""The one-way dependency of DESIGN.md: solvers <- routelab <- analysis."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {"solvers": {"routelab", "analysis"}, "routelab": {"analysis"}}
+
+
+def _imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_packages_import_only_downstream(package):
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"no sources found for {package}"
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(_imported_packages(path) & FORBIDDEN[package])
+        for path in files
+        if _imported_packages(path) & FORBIDDEN[package]
+    }
+    assert not offenders, f"{package} must not import {sorted(FORBIDDEN[package])}: {offenders}"
