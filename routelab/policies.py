@@ -114,11 +114,7 @@ class CapacityPolicy(Policy):
             routing.expert, self.priority_order(routing), routing.num_experts, capacity
         )
         kept = routing.select(keep)
-        dropped = routing.select(~keep)
-        dropped.dropped, dropped.capacity = None, None
-        if routing.dropped is not None:  # accumulate over stacked capacity policies
-            dropped = _concat_entries(routing.dropped, dropped)
-        kept.dropped, kept.capacity = dropped, capacity
+        kept.dropped, kept.capacity = all_dropped(routing, ~keep), capacity
         return kept
 
     def extra_repr(self) -> str:
@@ -150,6 +146,16 @@ def keep_within_capacity(
     keep = torch.zeros(n, dtype=torch.bool, device=expert.device)
     keep[by_expert] = rank_in_expert < limit
     return keep
+
+
+def all_dropped(routing: Routing, removed: Tensor) -> Routing:
+    """The entries a policy removes from ``routing`` (bool ``removed [N]``), together with
+    those earlier policies already dropped: the new ``routing.dropped``."""
+    dropped = routing.select(removed)
+    dropped.dropped, dropped.capacity = None, None
+    if routing.dropped is not None:  # accumulate over stacked policies
+        dropped = _concat_entries(routing.dropped, dropped)
+    return dropped
 
 
 def _concat_entries(first: Routing, second: Routing) -> Routing:
@@ -240,11 +246,7 @@ class PausingPolicy(Policy):
         out = routing.select(keep)
         out.expert = expert[keep]
         if bool((~keep).any()):
-            dropped = routing.select(~keep)
-            dropped.dropped, dropped.capacity = None, None
-            if routing.dropped is not None:
-                dropped = _concat_entries(routing.dropped, dropped)
-            out.dropped = dropped
+            out.dropped = all_dropped(routing, ~keep)
         if self.training:
             self.totals += out.load().to(self.totals)
         return out
