@@ -69,6 +69,9 @@ class NumpyOps:
     def scatter_min_(self, target: Any, idx: Any, values: Any) -> None:
         np.minimum.at(target, idx, values)
 
+    def scatter_max_(self, target: Any, idx: Any, values: Any) -> None:
+        np.maximum.at(target, idx, values)
+
     def nonzero(self, mask: Any) -> Any:
         return np.flatnonzero(mask)
 
@@ -102,8 +105,12 @@ class NumpyOps:
 
     def group_rank(self, sorted_group: Any) -> Any:
         """Position of each element within its run of equal values in a sorted array."""
-        start = np.searchsorted(sorted_group, sorted_group, side="left")
-        return np.arange(sorted_group.shape[0], dtype=np.int64) - start
+        n = sorted_group.shape[0]
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        counts = np.bincount(sorted_group)
+        start = np.cumsum(counts) - counts
+        return np.arange(n, dtype=np.int64) - start[sorted_group]
 
 
 class TorchOps:
@@ -161,6 +168,9 @@ class TorchOps:
 
     def scatter_min_(self, target: Any, idx: Any, values: Any) -> None:
         target.scatter_reduce_(0, idx, values, reduce="amin", include_self=True)
+
+    def scatter_max_(self, target: Any, idx: Any, values: Any) -> None:
+        target.scatter_reduce_(0, idx, values, reduce="amax", include_self=True)
 
     def nonzero(self, mask: Any) -> Any:
         return self.torch.nonzero(mask).flatten()
