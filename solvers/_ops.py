@@ -97,7 +97,16 @@ class NumpyOps:
         keys keep their input order."""
         if tie is not None:
             return np.lexsort((tie, -key, group))
-        order = np.argsort(-key, kind="stable")
+        n = key.shape[0]
+        # Unstable (SIMD) sort by key, then ties put back in input order: much faster than
+        # a stable float sort; the group pass below is a stable radix sort.
+        order = np.argsort(-key)
+        k = key[order]
+        if n > 1 and (k[1:] == k[:-1]).any():
+            run = np.empty(n, dtype=np.int64)
+            run[0] = 0
+            np.cumsum(k[1:] != k[:-1], out=run[1:])
+            order = order[np.argsort(run * n + order)]  # unique keys: any sort is exact
         small = group[order].astype(
             np.int16 if group.shape[0] and group.max() < 2**15 else np.int64
         )
