@@ -24,6 +24,8 @@ import itertools
 
 import numpy as np
 
+from solvers._ops import row_max
+
 __all__ = ["count_violators", "finish", "unassign_violators", "violators"]
 
 
@@ -31,7 +33,7 @@ def violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float = 0.
     """bool ``[T]``: the assigned tokens that are not delta-CS for prices p."""
     v = S - p
     mine = v[np.arange(S.shape[0]), np.maximum(owner, 0)]
-    return (owner >= 0) & (mine < v.max(axis=1) - delta)
+    return (owner >= 0) & (mine < row_max(v) - delta)
 
 
 def count_violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float = 0.0) -> int:
@@ -112,7 +114,7 @@ def finish(
         # distances from the free tokens / dummies into each expert
         if free.size:
             v = S[free] - p
-            enter = v.max(axis=1)[:, None] - v  # [F, E] >= 0
+            enter = row_max(v)[:, None] - v  # [F, E] >= 0
             src_row = enter.argmin(axis=0)
             dist = enter[src_row, cols]
             src = free[src_row]

@@ -11,7 +11,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NumpyOps", "TorchOps", "ops_for"]
+__all__ = ["NumpyOps", "TorchOps", "ops_for", "row_max"]
+
+
+def row_max(v: np.ndarray) -> np.ndarray:
+    """``v.max(axis=1)`` for a 2-D float array, through ``argmax`` (numpy's argmax along short
+    rows is SIMD-vectorised and several times faster than its max); the same values."""
+    return v[np.arange(v.shape[0]), v.argmax(axis=1)]
 
 
 class NumpyOps:
@@ -54,11 +60,11 @@ class NumpyOps:
         rows = np.arange(v.shape[0])
         w1 = v[rows, j1]
         v[rows, j1] = -np.inf  # v is a scratch copy owned by the caller
-        w2 = v.max(axis=1)
+        w2 = row_max(v)
         return j1, w1, w2
 
     def row_max(self, v: Any) -> Any:
-        return v.max(axis=1)
+        return row_max(v)
 
     def argmax_rows(self, v: Any) -> Any:
         return v.argmax(axis=1)
