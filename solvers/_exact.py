@@ -65,7 +65,9 @@ class _Exchange:
     def refresh(self, e: int) -> None:
         idx = self.members[e]
         if idx.size:
-            self.M[e] = (self.S[idx, e][:, None] - self.S[idx]).min(axis=0)
+            rows = self.S[idx]
+            np.subtract(rows[:, e : e + 1], rows, out=rows)
+            self.M[e] = rows.min(axis=0)
         else:
             self.M[e] = np.inf
         self.M[e, e] = np.inf
@@ -75,11 +77,14 @@ class _Exchange:
         return int(idx[np.argmin(self.S[idx, a] - self.S[idx, b])])
 
     def move(self, t: int, a: int, b: int) -> None:
+        # slices and concatenate: np.delete / np.insert cost several times more
         if a >= 0:
             m = self.members[a]
-            self.members[a] = np.delete(m, np.searchsorted(m, t))
+            i = int(np.searchsorted(m, t))
+            self.members[a] = np.concatenate((m[:i], m[i + 1 :]))
         m = self.members[b]
-        self.members[b] = np.insert(m, np.searchsorted(m, t), t)
+        i = int(np.searchsorted(m, t))
+        self.members[b] = np.concatenate((m[:i], np.array([t], dtype=m.dtype), m[i:]))
 
 
 def finish(
