@@ -87,6 +87,30 @@ class _Exchange:
         self.members[b] = np.concatenate((m[:i], np.array([t], dtype=m.dtype), m[i:]))
 
 
+def _disjoint_paths(
+    targets: np.ndarray, dist: np.ndarray, pred: np.ndarray, src: np.ndarray, first_only: bool
+) -> list[list[int]]:
+    """Shortest paths (entry expert first) to ``targets`` in order, keeping each one that
+    shares no expert and no entering token with those kept before (only the first one with
+    ``first_only``). Unreachable targets (infinite distance) end the search."""
+    paths: list[list[int]] = []
+    used: set[int] = set()
+    sources: set[int] = set()
+    for target in targets.tolist():
+        if paths and (first_only or not np.isfinite(dist[target])):
+            break
+        path = [target]
+        while pred[path[-1]] >= 0:
+            path.append(int(pred[path[-1]]))
+        path.reverse()
+        s = int(src[path[0]])
+        if used.isdisjoint(path) and (s < 0 or s not in sources):
+            paths.append(path)
+            used.update(path)
+            sources.add(s)
+    return paths
+
+
 def finish(
     S: np.ndarray, cap: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -148,36 +172,40 @@ def finish(
             dist = np.where(better, best, dist)
             pred = np.where(better, arg, pred)
         open_ = np.flatnonzero(cap - load - kd > 0)
-        target = int(open_[np.argmin(dist[open_])])
-        p += np.maximum(dist[target] - dist, 0.0)
-        # walk back from the target to the entry expert, then shift tokens forward
-        path = [target]
-        while pred[path[-1]] >= 0:
-            path.append(int(pred[path[-1]]))
-        path.reverse()
-        moves = []
-        for a, b in itertools.pairwise(path):
-            use_dummy = kd[a] > 0 and not (graph.M[a, b] < 0.0)
-            moves.append((a, b, -1 if use_dummy else graph.best_token(a, b)))
-        for a, b, t in moves:
-            if t >= 0:
-                owner[t] = b
-                graph.move(t, a, b)
+        open_ = open_[np.argsort(dist[open_], kind="stable")]  # nearest first, lower id on ties
+        paths = _disjoint_paths(open_, dist, pred, src, first_only=bool(dummies))
+        # Potentials min(dist, D) stay feasible for any D, and every path ending at or below
+        # D is tight under them: the expert-disjoint paths (distinct entering tokens) are
+        # augmented together, as they touch disjoint rows of the exchange graph.
+        p += np.maximum(dist[paths[-1][-1]] - dist, 0.0)
+        for path in paths:
+            if len(paths) > 1:
+                augmentations += 1
+            moves = []
+            for a, b in itertools.pairwise(path):
+                use_dummy = kd[a] > 0 and not (graph.M[a, b] < 0.0)
+                moves.append((a, b, -1 if use_dummy else graph.best_token(a, b)))
+            for a, b, t in moves:
+                if t >= 0:
+                    owner[t] = b
+                    graph.move(t, a, b)
+                else:
+                    kd[a] -= 1
+                    kd[b] += 1
+                load[a] -= t >= 0
+                load[b] += t >= 0
+            entry = path[0]
+            s = int(src[entry])
+            if s >= 0:
+                owner[s] = entry
+                graph.move(s, -1, entry)
+                free = free[free != s]
+                load[entry] += 1
             else:
-                kd[a] -= 1
-                kd[b] += 1
-            load[a] -= t >= 0
-            load[b] += t >= 0
-        entry = path[0]
-        s = int(src[entry])
-        if s >= 0:
-            owner[s] = entry
-            graph.move(s, -1, entry)
-            free = free[free != s]
-            load[entry] += 1
-        else:
-            kd[entry] += 1
-            free_dummies -= 1
-        for e in set(path):
-            graph.refresh(e)
+                kd[entry] += 1
+                free_dummies -= 1
+            for e in set(path):
+                graph.refresh(e)
+        if len(paths) > 1:
+            augmentations -= 1
     return owner, p - p.min(), augmentations
