@@ -80,19 +80,20 @@ def _propose(
         ops.scatter_min_(weakest, e, k)
     if ops.any(c_tok):  # merge holders and proposers of the contested experts
         p_tok, p_exp, p_key = tok[c_tok], exp[c_tok], key[c_tok]
-        holders = ops.nonzero((owner >= 0) & contested[ops.clip_min(owner, 0)])
-        h_exp, h_key = owner[holders], held[holders]
         # A holder whose key beats every proposal to its expert is kept whatever happens
         # (a tie goes to the holder, or to the lower token id with by_token): leave it out
-        # of the sort and lower its expert's limit instead.
-        top = ops.full(E, -ops.inf)
+        # of the sort and lower its expert's limit instead. ``top`` has one more slot, -inf,
+        # read by the free tokens (owner -1), and -inf for uncontested experts: neither is a
+        # candidate.
+        top = ops.full(E + 1, -ops.inf)
         ops.scatter_max_(top, p_exp, p_key)
-        safe = h_key > top[h_exp] if by_token else h_key >= top[h_exp]
-        limit = cap - ops.bincount(h_exp[safe], E)
-        unsafe = ~safe
-        t = ops.cat(holders[unsafe], p_tok)
-        e = ops.cat(h_exp[unsafe], p_exp)
-        k = ops.cat(h_key[unsafe], p_key)
+        bar = top[owner]
+        holders = ops.nonzero(held <= bar if by_token else held < bar)
+        h_exp = owner[holders]
+        limit = cap - load + ops.bincount(h_exp, E)
+        t = ops.cat(holders, p_tok)
+        e = ops.cat(h_exp, p_exp)
+        k = ops.cat(held[holders], p_key)
         t, e, k, keep, last = keep_best(ops, t, e, k, limit, by_token)
         owner[t[~keep]] = -1
         owner[t[keep]] = e[keep]
