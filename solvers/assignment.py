@@ -131,6 +131,8 @@ def balanced_assignment(
         owner = ops.full_int(T, 0)
         prices = ops.full(E, 0.0)
         return _result(ops, S, cap_x, owner, prices, 0, method)
+    if not (cap > 0).all():
+        return _without_closed_experts(ops, S, cap, cap_x, method, options)
 
     if method in ("auction", "exact"):
         owner, prices, iterations = _auction_family(
@@ -155,6 +157,35 @@ def balanced_assignment(
         prices = ops.from_numpy(prices_from_assignment(S_host, cap, a), S)
         iterations = 1
     return _result(ops, S, cap_x, owner, prices, iterations, method)
+
+
+def _without_closed_experts(ops, S, cap, cap_x, method, options) -> AssignmentResult:
+    """Experts of capacity 0 take no token: solve over the others and map back.
+
+    A closed expert e gets the smallest price ``p_e >= 0`` that keeps every row maximum
+    of ``S - p`` on an open expert, ``p_e = max(0, max_t (S_te - m_t))`` with
+    ``m_t = max over open e' of (S_te' - p_e')``; since ``c_e p_e = 0``, the dual value,
+    hence ``gap_bound``, is the sub-problem's.
+    """
+    open_experts = np.flatnonzero(cap > 0)
+    columns = ops.from_numpy(open_experts, S)
+    sub = balanced_assignment(S[:, columns], cap[open_experts], method=method, **options)
+    S_host = ops.to_numpy(S)
+    owner = open_experts[ops.to_numpy(sub.assignment)]
+    prices = np.zeros(S_host.shape[1])
+    prices[open_experts] = ops.to_numpy(sub.prices)
+    best_open = (S_host[:, open_experts] - prices[open_experts]).max(axis=1)
+    closed = np.flatnonzero(cap == 0)
+    prices[closed] = np.maximum((S_host[:, closed] - best_open[:, None]).max(axis=0), 0.0)
+    return _result(
+        ops,
+        S,
+        cap_x,
+        ops.from_numpy(owner, S),
+        ops.from_numpy(prices, S),
+        sub.iterations,
+        method,
+    )
 
 
 def _result(ops, S, cap_x, owner, prices, iterations, method) -> AssignmentResult:

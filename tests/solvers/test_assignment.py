@@ -259,3 +259,21 @@ def test_cuda_in_cuda_out(method):
     assert res.assignment.device == S.device and res.prices.device == S.device
     ref = balanced_assignment(S.cpu(), method=method)
     torch.testing.assert_close(res.assignment.cpu(), ref.assignment)
+
+
+@pytest.mark.parametrize("method", ["exact", "auction", "greedy", "sinkhorn"])
+@pytest.mark.parametrize("seed", range(3))
+def test_closed_experts_take_no_token_and_keep_a_finite_certificate(method, seed):
+    """Experts of capacity 0, at a size where the auction phase runs (it used to price
+    them at inf: NaN gap bounds and non-optimal assignments)."""
+    rng = np.random.default_rng(seed)
+    T, E = 900, 5
+    cap = np.array([0, 500, 0, 280, 150])  # sum 930 >= 900
+    S = rng.standard_normal((T, E)) + rng.standard_normal(E)  # a per-expert skew too
+    optimum = balanced_assignment(S, cap, method="hungarian").objective
+    res = balanced_assignment(S, cap, method=method)
+    assert np.isfinite(res.prices).all() and np.isfinite(res.gap_bound)
+    assert (np.bincount(res.assignment, minlength=E) <= cap).all()
+    assert res.gap_bound >= optimum - res.objective - 1e-9 * abs(optimum)
+    if method == "exact":
+        assert res.objective == pytest.approx(optimum, rel=1e-9)
