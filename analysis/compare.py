@@ -60,6 +60,16 @@ class CompareSettings:
     def quick_settings(cls, seed: int = 0) -> CompareSettings:
         return cls(steps=8, d_model=16, num_experts=4, batch_size=64, seed=seed, quick=True)
 
+    def load(self, dataset: str) -> Dataset:
+        """The named data set at these settings' size and seed."""
+        return load_dataset(
+            dataset,
+            quick=self.quick,
+            seed=self.seed,
+            d_model=self.d_model,
+            batch_size=self.batch_size,
+        )
+
 
 @dataclass
 class RunResult:
@@ -352,13 +362,7 @@ def compare(
     bar = _progress(len(configs) * len(datasets), progress)
     start = time.perf_counter()
     for name in datasets:
-        dataset = load_dataset(
-            name,
-            quick=settings.quick,
-            seed=settings.seed,
-            d_model=settings.d_model,
-            batch_size=settings.batch_size,
-        )
+        dataset = settings.load(name)
         prepared[name] = dataset
         results[name] = []
         for config in configs:
@@ -449,13 +453,7 @@ def sweep(
     if not 1 <= len(grid) <= 2:
         raise ValueError(f"grid must vary one or two options, got {list(grid)}")
     (config,) = resolve_routers([router])
-    data = load_dataset(
-        dataset,
-        quick=settings.quick,
-        seed=settings.seed,
-        d_model=settings.d_model,
-        batch_size=settings.batch_size,
-    )
+    data = settings.load(dataset)
     keys = list(grid)
     rows_key, cols_key = keys[0], keys[1] if len(keys) == 2 else None
     col_values = list(grid[cols_key]) if cols_key else [None]

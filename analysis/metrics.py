@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from routelab.routing import Routing
+from routelab.routing import Routing, require_routing
 
 __all__ = [
     "LoadCounter",
@@ -106,8 +106,7 @@ def _ratio(values: Tensor, which: str) -> float:
 
 def importance(routing: Routing) -> Tensor:
     """float64 ``[E]``: ``sum_t G(x_t)``, from ``probs`` where present, else the weights."""
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a routelab.Routing, got {type(routing).__name__}")
+    require_routing(routing)
     if routing.probs is not None:
         return routing.probs.detach().to("cpu", torch.float64).sum(0)
     out = torch.zeros(routing.num_experts, dtype=torch.float64)
@@ -259,8 +258,7 @@ class LoadCounter:
         self.capacity_slots: int | None = None
 
     def update(self, routing: Routing) -> LoadCounter:
-        if not isinstance(routing, Routing):
-            raise TypeError(f"routing must be a routelab.Routing, got {type(routing).__name__}")
+        require_routing(routing)
         if routing.num_experts != self.num_experts:
             raise ValueError(
                 f"routing has num_experts = {routing.num_experts}, counter has {self.num_experts}"
@@ -288,8 +286,7 @@ class LoadCounter:
 
 def load_stats(routing: Routing) -> LoadStats:
     """The :class:`LoadStats` of one routing (see the module docstring)."""
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a routelab.Routing, got {type(routing).__name__}")
+    require_routing(routing)
     return LoadCounter(routing.num_experts).update(routing).stats()
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from routelab.routing import Routing
+from routelab.routing import Routing, require_routing
 
 __all__ = [
     "Specialisation",
@@ -34,12 +34,6 @@ __all__ = [
     "shuffled_baseline",
     "specialisation",
 ]
-
-
-def _check_routing(name: str, routing: object) -> Routing:
-    if not isinstance(routing, Routing):
-        raise TypeError(f"{name} must be a routelab.Routing, got {type(routing).__name__}")
-    return routing
 
 
 def _check_labels(labels: object, num_tokens: int, num_labels: int | None) -> tuple[Tensor, int]:
@@ -65,7 +59,7 @@ def contingency(routing: Routing, labels: Tensor, num_labels: int | None = None)
 
     ``labels`` int ``[T]``, values in ``[0, num_labels)`` (default: ``max + 1``).
     """
-    routing = _check_routing("routing", routing)
+    routing = require_routing(routing, "routing")
     labels, num_labels = _check_labels(labels, routing.num_tokens, num_labels)
     flat = routing.expert.cpu() * num_labels + labels[routing.token.cpu()]
     counts = torch.bincount(flat, minlength=routing.num_experts * num_labels)
@@ -213,8 +207,8 @@ def coactivation(first: Routing, second: Routing) -> Tensor:
     Both routings cover the same T tokens (two stacked MoE layers on one batch). A token
     with k1 and k2 entries adds k1 * k2 pairs.
     """
-    first = _check_routing("first", first)
-    second = _check_routing("second", second)
+    first = require_routing(first, "first")
+    second = require_routing(second, "second")
     if first.num_tokens != second.num_tokens:
         raise ValueError(
             f"first and second must route the same tokens, got T = {first.num_tokens} "
@@ -229,8 +223,8 @@ def routing_stability(before: Routing, after: Routing) -> float:
     0 means every token kept exactly its experts; 1 that every token's set changed.
     Weights are ignored; an empty batch gives 0.
     """
-    before = _check_routing("before", before)
-    after = _check_routing("after", after)
+    before = require_routing(before, "before")
+    after = require_routing(after, "after")
     if before.num_tokens != after.num_tokens or before.num_experts != after.num_experts:
         raise ValueError(
             "before and after must route the same tokens to the same experts, got "
@@ -278,7 +272,7 @@ def shuffled_baseline(
     Shuffling keeps both marginals, so the value is what a router that ignores the label
     would score on a finite sample; compare a router's ``I(expert; label)`` with it.
     """
-    routing = _check_routing("routing", routing)
+    routing = require_routing(routing, "routing")
     labels, num_labels = _check_labels(labels, routing.num_tokens, num_labels)
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(labels.shape[0], generator=gen)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing import Routing, _require_int
+from routelab.routing import Routing, _require_int, require_routing
 
 __all__ = ["ExpertDispatch", "Experts", "FFNExperts", "ModuleExperts"]
 
@@ -123,8 +123,7 @@ class Experts(nn.Module):
             raise ValueError(
                 f"x has last dimension {x.shape[1]}, expected d_model = {self.d_model}"
             )
-        if not isinstance(routing, Routing):
-            raise TypeError(f"routing must be a routelab.Routing, got {type(routing).__name__}")
+        routing = require_routing(routing)
         if routing.num_tokens != x.shape[0]:
             raise ValueError(
                 f"routing was built for num_tokens = {routing.num_tokens}, but x has "

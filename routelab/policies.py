@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from routelab.router import check_k
-from routelab.routing import Routing, _require_int, capacity_from_factor
+from routelab.routing import Routing, _require_int, capacity_from_factor, require_routing
 
 __all__ = ["CapacityPolicy", "LossFreeBalancingPolicy", "PausingPolicy", "Policy"]
 
@@ -26,9 +26,7 @@ class Policy(nn.Module):
 
     @staticmethod
     def check_routing_arg(routing: object) -> Routing:
-        if not isinstance(routing, Routing):
-            raise TypeError(f"routing must be a routelab.Routing, got {type(routing).__name__}")
-        return routing
+        return require_routing(routing)
 
 
 def policy_list(policies: Sequence[nn.Module]) -> nn.ModuleList:

@@ -340,6 +340,13 @@ class Routing:
         )
 
 
+def require_routing(value: object, name: str = "routing") -> Routing:
+    """``value`` if it is a :class:`Routing`, else a TypeError naming the argument."""
+    if not isinstance(value, Routing):
+        raise TypeError(f"{name} must be a routelab.Routing, got {type(value).__name__}")
+    return value
+
+
 def even_quota(num_tokens: int, num_experts: int) -> list[int]:
     """An even split of T tokens over E experts: sizes differ by at most one."""
     base, extra = divmod(num_tokens, num_experts)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from routelab.router import Router
-from routelab.routing import Routing
+from routelab.routing import Routing, require_routing
 
 __all__ = [
     "RouterContract",
@@ -131,8 +131,7 @@ def check_routing(
     ``balanced``: ``True`` for an even split, or an exact per-expert quota ``[E]``.
     Raises ValueError naming the failed invariant; returns the routing.
     """
-    if not isinstance(routing, Routing):
-        raise TypeError(f"expected a routelab.Routing, got {type(routing).__name__}")
+    routing = require_routing(routing)
     if num_tokens is not None and routing.num_tokens != num_tokens:
         raise ValueError(f"routing has num_tokens = {routing.num_tokens}, expected {num_tokens}")
     if num_experts is not None and routing.num_experts != num_experts:

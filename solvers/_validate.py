@@ -6,7 +6,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_real_numpy", "check_capacity", "check_scores", "even_capacity", "is_torch"]
+__all__ = [
+    "as_real_numpy",
+    "check_capacity",
+    "check_scores",
+    "even_capacity",
+    "is_torch",
+    "like_source",
+]
 
 
 def is_torch(x: Any) -> bool:
@@ -37,6 +44,16 @@ def as_real_numpy(name: str, value: Any, ndim: int, shape: str) -> tuple[np.ndar
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} must be finite (found NaN or inf)")
     return arr, source
+
+
+def like_source(array: np.ndarray, source: Any) -> Any:
+    """The inverse of :func:`as_real_numpy`: ``array`` as a torch tensor on ``source``'s
+    device when the input was a tensor, else unchanged."""
+    if source is None:
+        return array
+    import torch
+
+    return torch.from_numpy(array).to(source.device)
 
 
 def check_scores(scores: Any) -> Any:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from solvers._validate import as_real_numpy
+from solvers._validate import as_real_numpy, like_source
 
 __all__ = ["KMeansResult", "kmeans"]
 
@@ -188,13 +188,10 @@ def kmeans(
             best = (inertia, centers, labels, iters, converged)
     assert best is not None
     inertia, centers, labels, iters, converged = best
-    out_c: Any = centers
-    out_l: Any = labels
-    if source is not None:
-        import torch
-
-        out_c = torch.from_numpy(centers).to(source.device)
-        out_l = torch.from_numpy(labels).to(source.device)
     return KMeansResult(
-        centers=out_c, labels=out_l, inertia=inertia, iterations=iters, converged=converged
+        centers=like_source(centers, source),
+        labels=like_source(labels, source),
+        inertia=inertia,
+        iterations=iters,
+        converged=converged,
     )

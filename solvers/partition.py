@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from solvers._validate import as_real_numpy
+from solvers._validate import as_real_numpy, like_source
 
 __all__ = ["PartitionResult", "balanced_partition", "greedy_partition"]
 
@@ -216,16 +216,9 @@ def _result(
     max_load = float(loads.max(initial=0.0))
     lower = max(mean, float(w.max(initial=0.0)))
     imbalance = max_load / mean if mean > 0 else 1.0
-    out_assignment: Any = assignment
-    out_loads: Any = loads
-    if source is not None:
-        import torch
-
-        out_assignment = torch.from_numpy(assignment).to(source.device)
-        out_loads = torch.from_numpy(loads).to(source.device)
     return PartitionResult(
-        assignment=out_assignment,
-        loads=out_loads,
+        assignment=like_source(assignment, source),
+        loads=like_source(loads, source),
         max_load=max_load,
         mean_load=mean,
         lower_bound=lower,
