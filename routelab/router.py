@@ -11,7 +11,14 @@ from torch import Tensor, nn
 
 from routelab.routing import Routing, _require_int
 
-__all__ = ["Router", "check_router_input", "set_validation", "validation", "validation_enabled"]
+__all__ = [
+    "Router",
+    "check_router_input",
+    "router_logits",
+    "set_validation",
+    "validation",
+    "validation_enabled",
+]
 
 _VALIDATION = {"enabled": True}
 
@@ -107,8 +114,28 @@ class Router(nn.Module):
 
 
 def upcast_half(t: Tensor) -> Tensor:
-    """Router arithmetic in at least fp32: half-precision logits are upcast, fp64 is kept."""
+    """Router arithmetic in at least fp32: half-precision tensors are upcast, fp64 is kept."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x W (+ b)`` with fp32 operands (fp64 kept): every router's logits, ``[T, E]``.
+
+    ``x [T, d]``; ``weight`` is ``[d, E]`` (a parameter laid out input-major) and ``bias``
+    ``[E]`` or None. For an ``nn.Linear`` pass ``linear.weight.t()`` and ``linear.bias``.
+
+    The product is computed in ``promote(fp32, x.dtype, weight.dtype)``: half-precision
+    inputs into an fp32 router are upcast before the matmul (as autocast does for
+    Switch's router), so bf16/fp16 ``x`` selects the same experts as the fp32
+    computation on the same values and fp16 cannot overflow to inf in the logits.
+    Gradients flow back to ``x`` in its own dtype.
+    """
+    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = x.to(dtype) @ weight.to(dtype)
+        if bias is not None:
+            logits = logits + bias.to(dtype)
+    return logits
 
 
 def check_k(k: object, num_experts: int) -> int:
