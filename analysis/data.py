@@ -9,10 +9,17 @@
   trains, the last 10% validates; the task metric is validation perplexity.
 - ``digits``: scikit-learn's bundled 8x8 ``load_digits`` images (1797, 10 classes),
   pixels scaled to [0, 1], a stratified 75/25 split. The model is a two-layer
-  :class:`routelab.deep_moe.DeepMoE` (Eigen et al. 2013). Hash routers route by the
-  image's index in the data set (its "token id"); the clustered / dispersed strategies
-  see the raw pixels as the id's embedding. Labels: the digit class; the task metric
+  ``routelab.deep_moe.DeepMoE`` (Eigen et al. 2013) with residual connections, so an
+  image a capacity or pausing policy drops passes through a layer unchanged. An image's
+  "token id" is its index in the data set: it carries no information about a held-out
+  image, so hash rows do not run on digits. Labels: the digit class; the task metric
   is test accuracy.
+
+Every model trains on the same ``steps`` batches (``Dataset.train_batches``, drawn once
+from the seed). Hash tables are fitted on exactly those batches' tokens
+(``fit_token_ids``); the clustered / dispersed tables cluster ``embeddings`` built from
+the next- and previous-token counts of those same tokens, so they see no more text than
+the learned routers train on (but they see its bigram statistics before training starts).
 """
 
 from __future__ import annotations
@@ -25,11 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from analysis.specialisation import frequency_buckets
+from routelab._validate import require_int
 from routelab.deep_moe import DeepMoE
-from routelab.experts import FFNExperts
 from routelab.moe import MoE
-from routelab.policies import Policy
-from routelab.router import Router
 
 __all__ = ["DATASETS", "Batch", "Dataset", "TokenLM", "load_dataset"]
 
@@ -54,11 +59,16 @@ class Dataset:
         name: ``"tokens"`` or ``"digits"``.
         vocab_size: the number of token ids (hash tables are built over them).
         num_labels: L for the specialisation tables; ``label_names`` their names.
-        fit_token_ids: int64, the training token ids (their frequencies drive the
-            balanced hash table).
+        fit_token_ids: int64, the token ids of every training batch (their frequencies
+            drive the balanced hash table).
         embeddings: float ``[vocab_size, D]`` per-id features for clustered / dispersed
-            hashing.
+            hashing (from the training batches only).
         metric: the task metric's name; ``higher_is_better`` its direction.
+        unit: what one routed item is: ``"token"`` or ``"image"``.
+        train_batches: the training batches, one per step, the same for every model.
+        evaluation: the held-out batches.
+        build_model: ``(make_layer, d_model, num_experts) -> model``; ``make_layer(i)``
+            builds MoE layer i; the model's forward returns ``(logits, [routing per layer])``.
     """
 
     name: str
@@ -69,9 +79,10 @@ class Dataset:
     embeddings: Tensor
     metric: str
     higher_is_better: bool
-    train: Callable[[torch.Generator, int], Batch]
+    unit: str
+    train_batches: list[Batch]
     evaluation: list[Batch]
-    build_model: Callable[[Callable[[int, int], tuple[Router, list[Policy]]], int, int], nn.Module]
+    build_model: Callable[[Callable[[int], MoE], int, int], nn.Module]
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -97,17 +108,31 @@ class TokenLM(nn.Module):
         return self.head(self.norm_out(h)), [out.routing]
 
 
-def _cooccurrence_embeddings(ids: Tensor, vocab_size: int, dim: int, seed: int) -> Tensor:
-    """``[V, dim]`` embeddings from the SVD of log bigram counts (next and previous id)."""
-    flat = ids[:-1] * vocab_size + ids[1:]
-    counts = torch.bincount(flat, minlength=vocab_size * vocab_size).view(vocab_size, vocab_size)
-    m = torch.cat([counts, counts.T], dim=1).double().log1p()
+def _cooccurrence_embeddings(batches: list[Batch], vocab_size: int, dim: int, seed: int) -> Tensor:
+    """``[V, dim]`` embeddings from the SVD of log bigram counts of the training batches:
+    row v counts the next and the previous id of every training position whose id is v."""
+    current = torch.cat([b.token_ids for b in batches])
+    previous = torch.cat([b.inputs[:, 0] for b in batches])
+    following = torch.cat([b.targets for b in batches])
+
+    def counts(other: Tensor) -> Tensor:
+        flat = current * vocab_size + other
+        return torch.bincount(flat, minlength=vocab_size * vocab_size).view(vocab_size, -1)
+
+    m = torch.cat([counts(following), counts(previous)], dim=1).double().log1p()
     torch.manual_seed(seed)
     u, s, _ = torch.svd_lowrank(m, q=dim, niter=3)
     return (u * s).float()
 
 
-def _tokens(quick: bool, seed: int, d_model: int, batch_size: int) -> Dataset:
+def _training_batches(
+    draw: Callable[[torch.Generator, int], Batch], steps: int, batch_size: int, seed: int
+) -> list[Batch]:
+    gen = torch.Generator().manual_seed(seed + 12345)
+    return [draw(gen, batch_size) for _ in range(steps)]
+
+
+def _tokens(quick: bool, seed: int, batch_size: int, steps: int) -> Dataset:
     from routelab.corpus import load_stdlib_corpus
 
     if quick:
@@ -133,29 +158,35 @@ def _tokens(quick: bool, seed: int, d_model: int, batch_size: int) -> Dataset:
     gen = torch.Generator().manual_seed(seed + 1)
     positions = torch.randint(1, valid_ids.shape[0] - 1, (num_eval,), generator=gen)
     evaluation = [make(valid_ids, p) for p in positions.split(batch_size * 4)]
+    train_batches = _training_batches(train, steps, batch_size, seed)
 
-    def build_model(make_layer, d: int, num_experts: int) -> nn.Module:
-        router, policies = make_layer(d, num_experts)
-        experts = FFNExperts(num_experts, d, 2 * d, activation="relu")
-        return TokenLM(vocab, d, MoE(router, experts, policies))
+    def build_model(make_layer: Callable[[int], MoE], d: int, num_experts: int) -> nn.Module:
+        return TokenLM(vocab, d, make_layer(0))
 
     return Dataset(
         name="tokens",
         vocab_size=vocab,
         num_labels=4,
         label_names=["freq q1 (top)", "freq q2", "freq q3", "freq q4 (tail)"],
-        fit_token_ids=train_ids,
-        embeddings=_cooccurrence_embeddings(train_ids, vocab, 16, seed),
+        fit_token_ids=torch.cat([b.token_ids for b in train_batches]),
+        embeddings=_cooccurrence_embeddings(train_batches, vocab, 16, seed),
         metric="val ppl",
         higher_is_better=False,
-        train=train,
+        unit="token",
+        train_batches=train_batches,
         evaluation=evaluation,
         build_model=build_model,
-        extra={"num_tokens": int(ids.shape[0]), "files": len(corpus.files)},
+        extra={
+            "stream_tokens": int(ids.shape[0]),
+            "files": len(corpus.files),
+            "vocab_size": vocab,
+            "training_tokens_seen": steps * batch_size,
+            "held_out_tokens": num_eval,
+        },
     )
 
 
-def _digits(quick: bool, seed: int, d_model: int, batch_size: int) -> Dataset:
+def _digits(quick: bool, seed: int, batch_size: int, steps: int) -> Dataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -175,23 +206,17 @@ def _digits(quick: bool, seed: int, d_model: int, batch_size: int) -> Dataset:
         return make(train_idx[torch.randint(train_idx.shape[0], (size,), generator=gen)])
 
     evaluation = [make(rows) for rows in test_idx.split(512)]
+    train_batches = _training_batches(train, steps, batch_size, seed)
 
-    def build_model(make_layer, d: int, num_experts: int) -> nn.Module:
-        pending: list[list[Policy]] = []
-
-        def make_router(dd: int, e: int) -> Router:
-            router, policies = make_layer(dd, e)
-            pending.append(policies)
-            return router
-
+    def build_model(make_layer: Callable[[int], MoE], d: int, num_experts: int) -> nn.Module:
         return DeepMoE(
             64,
             10,
             d_model=d,
             num_experts=num_experts,
             num_layers=2,
-            make_router=make_router,
-            make_policies=lambda i: pending[i],
+            make_layer=make_layer,
+            residual=True,
         )
 
     return Dataset(
@@ -199,25 +224,34 @@ def _digits(quick: bool, seed: int, d_model: int, batch_size: int) -> Dataset:
         vocab_size=int(x.shape[0]),
         num_labels=10,
         label_names=[str(i) for i in range(10)],
-        fit_token_ids=train_idx,
+        fit_token_ids=torch.cat([b.token_ids for b in train_batches]),
         embeddings=x,
         metric="test acc",
         higher_is_better=True,
-        train=train,
+        unit="image",
+        train_batches=train_batches,
         evaluation=evaluation,
         build_model=build_model,
-        extra={"train_images": int(train_idx.shape[0]), "test_images": int(test_idx.shape[0])},
+        extra={
+            "train_images": int(train_idx.shape[0]),
+            "test_images": int(test_idx.shape[0]),
+            "training_images_seen": steps * batch_size,
+        },
     )
 
 
 def load_dataset(
-    name: str, *, quick: bool = False, seed: int = 0, d_model: int = 32, batch_size: int = 256
+    name: str, *, quick: bool = False, seed: int = 0, batch_size: int = 256, steps: int = 300
 ) -> Dataset:
-    """Prepare ``"tokens"`` or ``"digits"`` (``quick``: a small slice for tests)."""
+    """Prepare ``"tokens"`` or ``"digits"`` with ``steps`` training batches of
+    ``batch_size`` (``quick``: a small slice of the token stream, for tests)."""
+    seed = require_int("seed", seed, minimum=0)
+    batch_size = require_int("batch_size", batch_size, minimum=1)
+    steps = require_int("steps", steps, minimum=1)
     if name == "tokens":
-        return _tokens(quick, seed, d_model, batch_size)
+        return _tokens(bool(quick), seed, batch_size, steps)
     if name == "digits":
-        return _digits(quick, seed, d_model, batch_size)
+        return _digits(bool(quick), seed, batch_size, steps)
     raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
 
 

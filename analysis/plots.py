@@ -13,24 +13,22 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torch import Tensor
+
+from analysis.validation import as_float_array, require_int
 
 __all__ = [
     "plot_coactivation",
     "plot_cv_over_steps",
+    "plot_cv_panels",
     "plot_heatmap",
     "plot_heatmap_grid",
     "plot_load",
+    "plot_sweep",
 ]
 
 
 def _array(name: str, values: object, ndim: int) -> np.ndarray:
-    if isinstance(values, Tensor):
-        values = values.detach().cpu().double().numpy()
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
-    return arr
+    return as_float_array(name, values, ndim).numpy()
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -236,3 +234,132 @@ def plot_coactivation(
     return plot_heatmap(
         table, path, title=title, xlabel="layer-2 expert", ylabel="layer-1 expert", normalise="row"
     )
+
+
+def _moving_average(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)``: the moving average over ``window`` steps, x at each window's last step."""
+    if window <= 1 or values.size < window:
+        return np.arange(values.size), values
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    return np.arange(window - 1, values.size), smooth
+
+
+def plot_cv_panels(
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | Path,
+    *,
+    window_start: int | None = None,
+    floors: Mapping[str, float] | None = None,
+    title: str = "CV(load) per training step",
+    ylabel: str = "CV(load)",
+    columns: int = 4,
+) -> Path:
+    """Small multiples: one panel per row ``{row: {series: [value per step]}}``.
+
+    Each series is drawn per step (thin) and as a moving average over about 1/15 of the
+    run (thick), in the same colour in every panel; ``floors[row]`` draws a dashed line
+    (e.g. the CV that sampling noise alone gives); ``window_start`` shades the steps from
+    there on (e.g. the window a table pools). Panels share both axes.
+    """
+    if not curves:
+        raise ValueError("curves must hold at least one row")
+    columns = max(1, min(require_int("columns", columns, minimum=1), len(curves)))
+    rows = -(-len(curves) // columns)
+    fig = Figure(figsize=(2.6 * columns + 0.4, 1.9 * rows + 0.9))
+    series_names: list[str] = []
+    for series in curves.values():
+        series_names += [s for s in series if s not in series_names]
+    colours = {s: cm_tab20(2 * i % 20) for i, s in enumerate(series_names)}
+    top = 0.0
+    axes = []
+    for i, (name, series) in enumerate(curves.items()):
+        ax = fig.add_subplot(
+            rows, columns, i + 1, sharex=axes[0] if axes else None, sharey=axes[0] if axes else None
+        )
+        axes.append(ax)
+        for label, values in series.items():
+            arr = _array(f"curves[{name!r}][{label!r}]", list(values), 1)
+            if not arr.size:
+                continue
+            top = max(top, float(np.percentile(arr, 99)))
+            ax.plot(np.arange(arr.size), arr, color=colours[label], linewidth=0.5, alpha=0.35)
+            x, smooth = _moving_average(arr, max(1, arr.size // 15))
+            ax.plot(x, smooth, color=colours[label], linewidth=1.6, label=label)
+        if floors and name in floors:
+            ax.axhline(floors[name], color="black", linewidth=0.8, linestyle="--")
+        if window_start is not None:
+            ax.axvspan(window_start, max(window_start + 1, ax.get_xlim()[1]), color="0.9", zorder=0)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=6)
+        if i % columns == 0:
+            ax.set_ylabel(ylabel, fontsize=7)
+        if i >= len(curves) - columns:
+            ax.set_xlabel("step", fontsize=7)
+    if axes:
+        axes[0].set_ylim(0.0, max(top * 1.1, 0.05))
+    handles, labels = axes[0].get_legend_handles_labels()
+    if floors:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], color="black", linestyle="--", linewidth=0.8))
+        labels.append("sampling-noise level")
+    fig.legend(handles, labels, loc="upper right", fontsize=7, ncol=len(labels))
+    fig.suptitle(title, fontsize=9, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return _save(fig, path)
+
+
+def plot_sweep(
+    grid: Mapping[str, Sequence[float]],
+    cells: Sequence[Mapping[str, object]],
+    path: str | Path,
+    *,
+    quantities: Mapping[str, str],
+    title: str = "sweep",
+) -> Path:
+    """The swept quantities against the option values: one panel per quantity.
+
+    ``grid`` has one or two options; ``cells`` hold ``"options"`` (``{option: value}``)
+    and one number per quantity key of ``quantities`` (key -> axis label). One option:
+    a line per panel; two options: one line per value of the second option.
+    """
+    keys = list(grid)
+    if not 1 <= len(keys) <= 2:
+        raise ValueError(f"grid must vary one or two options, got {keys}")
+    if not quantities:
+        raise ValueError("quantities must name at least one measured quantity")
+    first, second = keys[0], (keys[1] if len(keys) == 2 else None)
+    xs = [float(v) for v in grid[first]]
+    numeric = sorted(set(xs)) == xs and len(set(xs)) == len(xs)
+    positions = xs if numeric else list(range(len(xs)))
+    columns = min(3, len(quantities))
+    rows = -(-len(quantities) // columns)
+    fig = Figure(figsize=(3.4 * columns, 2.7 * rows + 0.5))
+    for i, (quantity, label) in enumerate(quantities.items()):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        for b in grid[second] if second else [None]:
+            ys = []
+            for a in grid[first]:
+                match = [
+                    c
+                    for c in cells
+                    if c["options"][first] == a  # type: ignore[index]
+                    and (second is None or c["options"][second] == b)  # type: ignore[index]
+                ]
+                if len(match) != 1:
+                    raise ValueError(f"cells must hold exactly one cell for {first}={a}")
+                ys.append(float(match[0][quantity]))  # type: ignore[arg-type]
+            ax.plot(positions, ys, marker="o", label=None if b is None else f"{second}={b}")
+        ax.set_xlabel(first, fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        if not numeric:
+            ax.set_xticks(positions)
+            ax.set_xticklabels([str(v) for v in grid[first]])
+        elif min(xs) > 0 and max(xs) / min(xs) >= 100:
+            ax.set_xscale("log")
+        if second and i == 0:
+            ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

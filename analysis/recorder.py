@@ -5,42 +5,54 @@ and accumulates, per layer, counts whose size does not depend on how many tokens
 were seen:
 
 - load, importance, dropped entries and capacity slots (``O(E)``), for
-  :class:`~analysis.metrics.LoadStats` over everything seen and over the current step;
+  :class:`~analysis.metrics.LoadStats` over everything seen and over the current step,
+  at two stages: ``"executed"`` (the layer's final routing, after every policy: what the
+  experts ran) and ``"router"`` (the router's own choice, before any policy; recorded
+  through a hook on the layer's ``router``);
 - the expert x label table (``O(E * L)``) when labels are given with
   :meth:`RoutingRecorder.set_labels`;
 - the co-activation table of every pair of consecutive MoE layers (``O(E1 * E2)``),
   from the routings of one forward pass of the whole model.
 
 :meth:`RoutingRecorder.step` closes a step and appends that step's load statistics
-of every layer to :attr:`RoutingRecorder.history` (one small record per step).
+of every layer to :attr:`RoutingRecorder.history` (and the router-stage statistics to
+:attr:`RoutingRecorder.router_history`), one small record per step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from analysis.metrics import LoadCounter, LoadStats
-from analysis.specialisation import Specialisation, _indicator, specialisation
+from analysis.specialisation import Specialisation, expert_indicator, specialisation
+from analysis.validation import as_labels, require_choice, require_int
 from routelab.moe import MoE
-from routelab.routing import Routing
+from routelab.routing import Routing, _require_int
 
 __all__ = ["RoutingRecorder"]
 
 MODES = ("train", "eval", "all")
+STAGES = ("executed", "router")
 
 
 class _Layer:
-    """The accumulators of one MoE layer."""
+    """The accumulators of one MoE layer (executed routing, and the router's own)."""
 
     def __init__(self, name: str, num_experts: int) -> None:
         self.name = name
         self.num_experts = num_experts
         self.total = LoadCounter(num_experts)
         self.current = LoadCounter(num_experts)
+        self.router_total = LoadCounter(num_experts)
+        self.router_current = LoadCounter(num_experts)
         self.table: Tensor | None = None
+
+    def counters(self) -> tuple[LoadCounter, ...]:
+        return (self.total, self.current, self.router_total, self.router_current)
 
 
 class RoutingRecorder:
@@ -53,6 +65,11 @@ class RoutingRecorder:
             (the MoE layer's ``training`` flag decides). Balanced routers such as BASE
             balance exactly only in training, so balance is usually measured on
             ``"train"`` routings.
+        layers: ``[(name, num_experts)]`` to record layers that are not ``routelab.MoE``
+            modules (a Hugging Face model's routers, fed by
+            ``routelab.hf.RoutingCapture(model, on_routing=...)``): no layer hooks are
+            set; call :meth:`record` for each layer's routing during ``model``'s forward
+            (the co-activation tables still close with that forward).
 
     Use::
 
@@ -68,15 +85,19 @@ class RoutingRecorder:
     addressed by name or by index in model order.
     """
 
-    def __init__(self, model: nn.Module, *, num_labels: int | None = None, mode: str = "all"):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_labels: int | None = None,
+        mode: str = "all",
+        layers: Sequence[tuple[str, int]] | None = None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if num_labels is not None and (
-            isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
-        ):
-            raise ValueError(f"num_labels must be an int >= 1, got {num_labels!r}")
+        mode = require_choice("mode", mode, MODES)
+        if num_labels is not None:
+            num_labels = require_int("num_labels", num_labels, minimum=1)
         self.mode = mode
         self.num_labels = num_labels
         self._layers: list[_Layer] = []
@@ -85,11 +106,18 @@ class RoutingRecorder:
         self._forward: dict[int, Tensor] = {}
         self._coact: dict[tuple[int, int], Tensor] = {}
         self.history: list[dict[str, LoadStats]] = []
-        for name, module in model.named_modules():
+        self.router_history: list[dict[str, LoadStats]] = []
+        for name, num_experts in layers or ():  # layers recorded by hand (record())
+            self._layers.append(_Layer(name, _require_int("num_experts", num_experts, 1)))
+        for name, module in model.named_modules() if layers is None else ():
             if isinstance(module, MoE):
                 index = len(self._layers)
                 self._layers.append(_Layer(name or "moe", module.num_experts))
                 self._handles.append(module.register_forward_hook(self._hook_for(index)))
+                router = getattr(module, "router", None)
+                if isinstance(router, nn.Module):
+                    hook = self._router_hook_for(index, module)
+                    self._handles.append(router.register_forward_hook(hook))
         if not self._layers:
             raise ValueError("model contains no routelab.MoE layer to record")
         self._handles.append(model.register_forward_pre_hook(self._begin_forward))
@@ -104,6 +132,23 @@ class RoutingRecorder:
                 return
             routing = output.routing if hasattr(output, "routing") else output[1]
             self.record(index, routing)
+
+        return hook
+
+    def _router_hook_for(self, index: int, layer: nn.Module):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if (self.mode == "train" and not layer.training) or (
+                self.mode == "eval" and layer.training
+            ):
+                return
+            if (
+                isinstance(output, Routing)
+                and output.num_experts == self._layers[index].num_experts
+            ):
+                entry = self._layers[index]
+                routing = output.detach()
+                entry.router_total.update(routing)
+                entry.router_current.update(routing)
 
         return hook
 
@@ -129,16 +174,8 @@ class RoutingRecorder:
         if labels is not None:
             if self.num_labels is None:
                 raise ValueError("give num_labels to RoutingRecorder to record label tables")
-            if not isinstance(labels, Tensor):
-                labels = torch.as_tensor(labels)
-            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-                raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-            labels = labels.reshape(-1).long().cpu()
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
-                raise ValueError(
-                    f"labels must lie in [0, {self.num_labels}), got "
-                    f"[{int(labels.min())}, {int(labels.max())}]"
-                )
+            flat = labels.reshape(-1) if isinstance(labels, Tensor) else torch.as_tensor(labels)
+            labels, _ = as_labels("labels", flat.reshape(-1), None, self.num_labels)
         self._labels = labels
 
     def record(self, layer: int | str, routing: Routing) -> None:
@@ -164,25 +201,31 @@ class RoutingRecorder:
             counts = torch.bincount(flat, minlength=entry.num_experts * self.num_labels)
             counts = counts.view(entry.num_experts, self.num_labels)
             entry.table = counts if entry.table is None else entry.table + counts
-        self._forward[index] = _indicator(routing)
+        self._forward[index] = expert_indicator(routing)
 
     def step(self) -> dict[str, LoadStats]:
-        """Close the current step: append its per-layer LoadStats to :attr:`history`."""
+        """Close the current step: append its per-layer LoadStats to :attr:`history`
+        (executed routing) and :attr:`router_history` (the router's own choice)."""
         record = {layer.name: layer.current.stats() for layer in self._layers}
+        self.router_history.append(
+            {layer.name: layer.router_current.stats() for layer in self._layers}
+        )
         for layer in self._layers:
             layer.current.reset()
+            layer.router_current.reset()
         self.history.append(record)
         return record
 
     def reset(self) -> None:
         """Forget everything recorded (the hooks stay attached)."""
         for layer in self._layers:
-            layer.total.reset()
-            layer.current.reset()
+            for counter in layer.counters():
+                counter.reset()
             layer.table = None
         self._coact.clear()
         self._forward.clear()
         self.history.clear()
+        self.router_history.clear()
 
     def remove(self) -> None:
         """Detach every hook."""
@@ -213,9 +256,11 @@ class RoutingRecorder:
             raise IndexError(f"layer index {layer} out of range for {len(self._layers)} layers")
         return layer % len(self._layers)
 
-    def stats(self, layer: int | str = 0) -> LoadStats:
-        """LoadStats of everything ``layer`` routed while recording."""
-        return self._layers[self._index(layer)].total.stats()
+    def stats(self, layer: int | str = 0, *, stage: str = "executed") -> LoadStats:
+        """LoadStats of everything ``layer`` routed while recording: ``stage="executed"``
+        the final routing (after policies), ``"router"`` the router's own choice."""
+        entry = self._layers[self._index(layer)]
+        return (entry.total if _stage(stage) == "executed" else entry.router_total).stats()
 
     def table(self, layer: int | str = 0) -> Tensor:
         """int64 ``[E, L]``, the expert x label counts of ``layer``."""
@@ -241,7 +286,19 @@ class RoutingRecorder:
             self._layers[i].num_experts, self._layers[j].num_experts, dtype=torch.int64
         )
 
-    def cv_history(self, layer: int | str = 0, field: str = "cv_load") -> list[float]:
-        """One value of a LoadStats field per recorded step (default CV of the load)."""
+    def cv_history(
+        self, layer: int | str = 0, field: str = "cv_load", *, stage: str = "executed"
+    ) -> list[float]:
+        """One value of a LoadStats field per recorded step (default CV of the load),
+        of the executed routing or (``stage="router"``) the router's own choice."""
         name = self._layers[self._index(layer)].name
-        return [float(getattr(step[name], field)) for step in self.history]
+        if field not in LoadStats.__dataclass_fields__:
+            raise ValueError(f"field must be a LoadStats field, got {field!r}")
+        history = self.history if _stage(stage) == "executed" else self.router_history
+        return [float(getattr(step[name], field)) for step in history]
+
+
+def _stage(stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    return stage

@@ -1,210 +1,450 @@
-"""The router configurations ``routelab compare`` knows, by name.
+"""The rows of ``routelab compare``: one named router configuration per row.
 
-A :class:`RouterConfig` builds ``(router, policies)`` for ``(d_model, num_experts,
-dataset)``; ``options`` are keyword overrides (what ``routelab sweep`` varies).
-Configurations whose router class has not been added to :mod:`routelab.routers` are
-skipped by :func:`available_routers`, so the comparison covers every router that exists.
-Register more with :func:`register`.
+A row (``CompareRow``) holds classes, not names: the router class, its keyword options
+and the policies (each a ``PolicySpec``: a policy class and its options) that follow it
+in the MoE layer. ``row.build_layer(d_model, num_experts, data)`` is the one way an
+experiment turns a row into a layer: ``MoE(router, FFNExperts(E, d, d_hidden), policies)``
+(or the row's own ``layer`` builder, for layers that are not router + policies + FFN
+experts). ``row.with_options(capacity_factor=2.0)`` is the same row with options changed:
+what ``routelab sweep`` varies; ``row.sweepable()`` lists the options it can vary.
+
+Adding a row is one ``register(CompareRow(...))`` call (see the rows below)::
+
+    register(
+        CompareRow(
+            "top2-lossfree",                      # the row's name (--routers takes it)
+            TopKGate,                             # the router class
+            {"k": 2},                             # its keyword options
+            policies=(PolicySpec(LossFreeBalancingPolicy, {"k": 2, "rate": 1e-3}),),
+            description="top-2 with loss-free bias balancing (Wang et al. 2024)",
+        )
+    )
+
+Names are unique (registering a name twice raises unless ``replace=True``), every
+class is checked when the row is created, and an unknown name raises a ValueError that
+lists the known ones: nothing is skipped silently.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import routelab.routers as routers_module
-from routelab import policies as policies_module
-from routelab.policies import CapacityPolicy, Policy
+from torch import Tensor, nn
+
+from analysis.data import DATASETS
+from routelab.experts import FFNExperts
+from routelab.moe import MoE
+from routelab.policies import CapacityPolicy, LossFreeBalancingPolicy, PausingPolicy, Policy
 from routelab.router import Router
+from routelab.routers import (
+    BASERouter,
+    DSelectKGate,
+    ExpertChoiceRouter,
+    HashRouter,
+    NoisyTopKGate,
+    SinkhornRouter,
+    SoftmaxGate,
+    SwitchGate,
+    TopKGate,
+)
 
-__all__ = ["REGISTRY", "RouterConfig", "available_routers", "register", "resolve_routers"]
+__all__ = [
+    "DATASETS",
+    "REGISTRY",
+    "CompareRow",
+    "PolicySpec",
+    "RoutingData",
+    "SweepOption",
+    "default_rows",
+    "fit_hash",
+    "register",
+    "resolve_routers",
+]
 
-Built = tuple[Router, list[Policy]]
+_NAME = re.compile(r"^[a-z0-9][a-z0-9.+_-]*$")
 
 
-@dataclass(frozen=True)
-class RouterConfig:
-    """A named router configuration.
+class RoutingData(Protocol):
+    """What a row's builder may use from a data set (``analysis.data.Dataset`` has it).
 
-    Fields:
-        name: the row name in reports (``--routers`` takes these).
-        router_class: the name of the class in :mod:`routelab.routers` it needs.
-        kwargs: keyword arguments of the router's constructor.
-        capacity_factor: wrap with ``CapacityPolicy(capacity_factor)`` when set.
-        policy: the name of an extra policy class in :mod:`routelab.policies` built as
-            ``Policy(num_experts, **policy_kwargs)`` (e.g. ``"PausingPolicy"``), applied
-            before the capacity policy.
-        hash_strategy: build with ``HashRouter.fit(hash_strategy, ...)`` instead.
-        description: one line for the report.
+    ``name`` (``"tokens"`` / ``"digits"``), ``vocab_size`` (the number of token ids),
+    ``fit_token_ids`` (int64, the ids of the tokens the models train on) and
+    ``embeddings`` (float ``[vocab_size, D]`` per-id features).
     """
 
     name: str
-    router_class: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    capacity_factor: float | None = None
-    policy: str | None = None
-    policy_kwargs: dict[str, Any] = field(default_factory=dict)
-    hash_strategy: str | None = None
-    description: str = ""
+    vocab_size: int
+    fit_token_ids: Tensor
+    embeddings: Tensor
+
+
+RouterBuilder = Callable[["CompareRow", int, int, RoutingData], Router]
+LayerBuilder = Callable[["CompareRow", int, int, RoutingData, int], nn.Module]
+
+
+def _keyword_defaults(function: Callable[..., Any], skip: Sequence[str]) -> dict[str, Any]:
+    """The keyword parameters of ``function`` with a number or bool default."""
+    out = {}
+    for name, param in inspect.signature(function).parameters.items():
+        if name in skip or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            continue
+        if isinstance(param.default, (bool, int, float)) or param.default is None:
+            out[name] = param.default
+    return out
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy class and its keyword options.
+
+    Built as ``policy(num_experts, **options)`` when the class's first parameter is
+    ``num_experts`` (pausing, loss-free bias), else ``policy(**options)`` (capacity).
+    """
+
+    policy: type[Policy]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.policy, type) and issubclass(self.policy, Policy)):
+            raise TypeError(f"policy must be a Policy subclass, got {self.policy!r}")
+        object.__setattr__(self, "options", dict(self.options))
 
     @property
-    def available(self) -> bool:
-        if getattr(routers_module, self.router_class, None) is None:
-            return False
-        return self.policy is None or getattr(policies_module, self.policy, None) is not None
+    def takes_num_experts(self) -> bool:
+        params = list(inspect.signature(self.policy.__init__).parameters)
+        return len(params) > 1 and params[1] == "num_experts"
 
-    def build(self, d_model: int, num_experts: int, dataset: Any, **options: Any) -> Built:
-        """``(router, policies)`` for E experts of width d; ``options`` override kwargs."""
-        cls = getattr(routers_module, self.router_class, None)
-        if cls is None:
-            raise ValueError(f"router {self.name!r} needs routelab.routers.{self.router_class}")
-        kwargs = {**self.kwargs, **options}
-        if self.hash_strategy is not None:
-            router = _fit_hash(cls, self.hash_strategy, num_experts, d_model, dataset, kwargs)
-        else:
-            router = cls(d_model, num_experts, **kwargs)
-        policies: list[Policy] = []
-        if self.policy is not None:
-            policies.append(
-                getattr(policies_module, self.policy)(num_experts, **self.policy_kwargs)
+    def build(self, num_experts: int) -> Policy:
+        if self.takes_num_experts:
+            return self.policy(num_experts, **self.options)
+        return self.policy(**self.options)
+
+    def describe(self) -> str:
+        return _call_text(self.policy.__name__, self.options)
+
+    def option_defaults(self) -> dict[str, Any]:
+        return {**_keyword_defaults(self.policy.__init__, ("self", "num_experts")), **self.options}
+
+
+def _call_text(name: str, options: Mapping[str, Any]) -> str:
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in options.items())})"
+
+
+@dataclass(frozen=True)
+class SweepOption:
+    """One option ``routelab sweep`` can vary: where it goes and its current value."""
+
+    name: str
+    target: str  # "router" or the policy class's name
+    value: Any
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """One row of ``routelab compare``: a router class, its options and its policies.
+
+    Fields:
+        name: the row's name (``--routers`` takes it): lower case, digits, ``.+_-``.
+        router: the router class (a ``routelab.Router`` subclass).
+        options: keyword options of the router's constructor (after ``d_model,
+            num_experts``), or of ``build_router`` where one is given.
+        policies: ``PolicySpec`` s applied in order after the router.
+        datasets: the data sets the row runs on (default both).
+        description: one line for the report: what the row is.
+        build_router: ``(row, d_model, num_experts, data) -> Router`` for routers that
+            need the data (hash tables); default ``router(d_model, num_experts,
+            **options)``.
+        build_layer_with: ``(row, d_model, num_experts, data, d_hidden) -> layer`` for
+            layers that are not ``MoE(router, FFNExperts, policies)``; the layer must be
+            a ``routelab.MoE`` (or subclass) so the recorder sees its routing.
+        in_default: whether ``routelab compare`` without ``--routers`` runs it.
+    """
+
+    name: str
+    router: type[Router]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    policies: tuple[PolicySpec, ...] = ()
+    datasets: tuple[str, ...] = DATASETS
+    description: str = ""
+    build_router: RouterBuilder | None = None
+    build_layer_with: LayerBuilder | None = None
+    in_default: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ValueError(
+                f"row name must be lower case letters, digits and '.+_-', got {self.name!r}"
             )
-        if self.capacity_factor is not None:
-            policies.append(CapacityPolicy(self.capacity_factor))
-        return router, policies
+        if not (isinstance(self.router, type) and issubclass(self.router, Router)):
+            raise TypeError(
+                f"row {self.name!r}: router must be a Router subclass, got {self.router!r}"
+            )
+        object.__setattr__(self, "options", dict(self.options))
+        object.__setattr__(self, "policies", tuple(self.policies))
+        for spec in self.policies:
+            if not isinstance(spec, PolicySpec):
+                raise TypeError(f"row {self.name!r}: policies must be PolicySpecs, got {spec!r}")
+        datasets = tuple(self.datasets)
+        if not datasets or any(d not in DATASETS for d in datasets):
+            raise ValueError(
+                f"row {self.name!r}: datasets must be among {DATASETS}, got {datasets}"
+            )
+        object.__setattr__(self, "datasets", datasets)
+
+    # ------------------------------------------------------------------ building
+    def make_router(self, d_model: int, num_experts: int, data: RoutingData) -> Router:
+        if self.build_router is not None:
+            return self.build_router(self, d_model, num_experts, data)
+        return self.router(d_model, num_experts, **self.options)
+
+    def make_policies(self, num_experts: int) -> list[Policy]:
+        return [spec.build(num_experts) for spec in self.policies]
+
+    def build_layer(
+        self, d_model: int, num_experts: int, data: RoutingData, *, d_hidden: int | None = None
+    ) -> nn.Module:
+        """The MoE layer of this row: router, ``FFNExperts(E, d, d_hidden)`` (relu,
+        default ``d_hidden = 2 d``), policies."""
+        d_hidden = 2 * d_model if d_hidden is None else d_hidden
+        if self.build_layer_with is not None:
+            return self.build_layer_with(self, d_model, num_experts, data, d_hidden)
+        router = self.make_router(d_model, num_experts, data)
+        experts = FFNExperts(router.num_experts, d_model, d_hidden, activation="relu")
+        return MoE(router, experts, self.make_policies(num_experts))
+
+    # ------------------------------------------------------------------ options
+    def sweepable(self) -> dict[str, SweepOption]:
+        """Every option ``with_options`` accepts, by name: the router's keyword options
+        (numbers and flags) and each policy's. A name that two of them share is listed
+        qualified, as ``router.k`` / ``PolicyName.k``; ``with_options`` also accepts
+        every option qualified."""
+        if self.build_router is None:
+            defaults = _keyword_defaults(self.router.__init__, ("self", "d_model", "num_experts"))
+        else:
+            defaults = dict(getattr(self.build_router, "option_defaults", lambda row: {})(self))
+        found = [
+            SweepOption(name, "router", value)
+            for name, value in {**defaults, **self.options}.items()
+            if isinstance(value, (bool, int, float)) or value is None
+        ]
+        for spec in self.policies:
+            found += [
+                SweepOption(name, spec.policy.__name__, value)
+                for name, value in spec.option_defaults().items()
+            ]
+        names = [option.name for option in found]
+        return {
+            (
+                option.name if names.count(option.name) == 1 else f"{option.target}.{option.name}"
+            ): option
+            for option in found
+        }
+
+    def with_options(self, **changes: Any) -> CompareRow:
+        """This row with options changed (names as in :meth:`sweepable`, or qualified as
+        ``router.NAME`` / ``PolicyName.NAME``); an unknown name raises a ValueError."""
+        sweepable = self.sweepable()
+        qualified = {f"{o.target}.{o.name}": o for o in sweepable.values()}
+        options = dict(self.options)
+        policy_options = [dict(spec.options) for spec in self.policies]
+        for name, value in changes.items():
+            option = sweepable.get(name) or qualified.get(name)
+            if option is None:
+                raise ValueError(
+                    f"router {self.name!r} has no option {name!r}; its options: "
+                    + ", ".join(sweepable)
+                )
+            value = _like(option, value)
+            if option.target == "router":
+                options[option.name] = value
+            else:
+                for spec, opts in zip(self.policies, policy_options):
+                    if spec.policy.__name__ == option.target:
+                        opts[option.name] = value
+        policies = tuple(
+            PolicySpec(spec.policy, opts) for spec, opts in zip(self.policies, policy_options)
+        )
+        return dataclasses.replace(self, options=options, policies=policies)
+
+    def configuration(self) -> str:
+        """One line: the router call and the policies, e.g. ``SwitchGate(balance_weight=0.01)
+        -> CapacityPolicy(capacity_factor=1.0)``."""
+        router = self.router.__name__
+        if self.build_router is not None and self.build_router is fit_hash:
+            router = "HashRouter.fit"
+        parts = [_call_text(router, self.options)]
+        parts += [spec.describe() for spec in self.policies]
+        return " -> ".join(parts)
 
 
-def _fit_hash(
-    cls: Any, strategy: str, num_experts: int, d_model: int, dataset: Any, kwargs: dict
-) -> Router:
-    fit: dict[str, Any] = {
-        "d_model": d_model,
-        "vocab_size": dataset.vocab_size,
-        "seed": kwargs.pop("seed", 0),
-    }
+def _like(option: SweepOption, value: Any) -> Any:
+    """``value`` as the option's kind: an int option takes whole numbers only."""
+    current = option.value
+    if isinstance(current, bool):
+        if value in (0, 1, 0.0, 1.0, True, False):
+            return bool(value)
+        raise ValueError(f"option {option.name!r} is a flag (0 or 1), got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"option {option.name!r} must be finite, got {value!r}")
+    if isinstance(current, int) and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"option {option.name!r} takes whole numbers, got {value!r}")
+        return int(value)
+    return value
+
+
+def fit_hash(row: CompareRow, d_model: int, num_experts: int, data: RoutingData) -> Router:
+    """``HashRouter.fit(strategy, ...)`` on the training token ids (and their embeddings
+    for the clustered / dispersed tables); ``row.options`` holds ``strategy`` and any
+    ``HashRouter.fit`` option (``num_hashes``, ``seed``, ``num_clusters``)."""
+    options = dict(row.options)
+    strategy = options.pop("strategy")
+    fit: dict[str, Any] = {"d_model": d_model, "vocab_size": data.vocab_size}
     per_hash = num_experts
     if strategy in ("balanced", "clustered", "dispersed"):
-        fit["token_ids"] = dataset.fit_token_ids
+        fit["token_ids"] = data.fit_token_ids
     if strategy in ("clustered", "dispersed"):
-        fit["embeddings"] = dataset.embeddings
+        fit["embeddings"] = data.embeddings
     if strategy == "multi-hash":
-        num_hashes = kwargs.pop("num_hashes", 2)
+        num_hashes = options.get("num_hashes", 2)
         if num_experts % num_hashes:
             raise ValueError(
                 f"multi-hash needs num_experts divisible by num_hashes = {num_hashes}, "
                 f"got {num_experts}"
             )
-        fit["num_hashes"] = num_hashes
         per_hash = num_experts // num_hashes
-    fit.update(kwargs)
-    return cls.fit(strategy, per_hash, **fit)
+        options["num_hashes"] = num_hashes
+    return HashRouter.fit(strategy, per_hash, **fit, **options)
 
 
-REGISTRY: dict[str, RouterConfig] = {}
+def _hash_options(row: CompareRow) -> dict[str, Any]:
+    """The ``HashRouter.fit`` options a hash row's strategy uses (what sweep may vary)."""
+    strategy = row.options.get("strategy")
+    extra = {"multi-hash": {"num_hashes": 2}, "clustered": {"num_clusters": None}}
+    extra["dispersed"] = extra["clustered"]
+    return {"seed": 0, **extra.get(strategy, {})}
 
 
-def register(config: RouterConfig) -> RouterConfig:
-    """Add (or replace) a configuration under its name."""
-    if not isinstance(config, RouterConfig):
-        raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
-    REGISTRY[config.name] = config
-    return config
+fit_hash.option_defaults = _hash_options  # type: ignore[attr-defined]
 
 
-for _config in (
-    RouterConfig("softmax", "SoftmaxGate", description="dense softmax gate, every expert"),
-    RouterConfig("top2", "TopKGate", {"k": 2}, description="top-2 softmax gate, no loss"),
-    RouterConfig(
+REGISTRY: dict[str, CompareRow] = {}
+
+
+def register(row: CompareRow, *, replace: bool = False) -> CompareRow:
+    """Add ``row`` under its name; a name already registered raises unless ``replace``."""
+    if not isinstance(row, CompareRow):
+        raise TypeError(f"row must be a CompareRow, got {type(row).__name__}")
+    if row.name in REGISTRY and not replace:
+        raise ValueError(f"a row named {row.name!r} is already registered")
+    REGISTRY[row.name] = row
+    return row
+
+
+def default_rows() -> list[CompareRow]:
+    """The rows ``routelab compare`` runs by default, in registration order."""
+    return [row for row in REGISTRY.values() if row.in_default]
+
+
+def resolve_routers(names: Sequence[str] | None) -> list[CompareRow]:
+    """The rows named, in the order given (the default rows for None or empty).
+
+    Unknown or repeated names raise a ValueError naming them and the known rows.
+    """
+    if names is None:
+        return default_rows()
+    if isinstance(names, str):
+        raise TypeError("names must be a list of row names, not one string")
+    rows = []
+    for name in names:
+        if name not in REGISTRY:
+            hint = ""
+            if name != name.strip():
+                hint = " (names are separated by commas, without spaces)"
+            raise ValueError(f"unknown router {name!r}{hint}; known: {', '.join(REGISTRY)}")
+        if REGISTRY[name] in rows:
+            raise ValueError(f"router {name!r} is named twice")
+        rows.append(REGISTRY[name])
+    if not rows:
+        raise ValueError("no routers named")
+    return rows
+
+
+# ---------------------------------------------------------------------- the rows
+_SWITCH = {"balance_weight": 1e-2}
+
+for _row in (
+    CompareRow("softmax", SoftmaxGate, description="dense softmax gate: every expert, every token"),
+    CompareRow("top2", TopKGate, {"k": 2}, description="top-2 softmax gate, no balancing"),
+    CompareRow(
         "noisy-top2",
-        "NoisyTopKGate",
+        NoisyTopKGate,
         {"k": 2, "importance_weight": 0.1, "load_weight": 0.1},
-        description="noisy top-2, w_importance = w_load = 0.1",
+        description="noisy top-2 with importance and load losses (Shazeer et al. 2017)",
     ),
-    RouterConfig(
+    CompareRow(
         "noisy-top2-noloss",
-        "NoisyTopKGate",
+        NoisyTopKGate,
         {"k": 2, "importance_weight": 0.0, "load_weight": 0.0},
-        description="noisy top-2 without balancing losses",
-    ),
-    RouterConfig(
-        "switch-cf0.5",
-        "SwitchGate",
-        {"balance_weight": 1e-2},
-        capacity_factor=0.5,
-        description="Switch top-1, capacity factor 0.5",
-    ),
-    RouterConfig(
-        "switch-cf1.0",
-        "SwitchGate",
-        {"balance_weight": 1e-2},
-        capacity_factor=1.0,
-        description="Switch top-1, capacity factor 1.0",
-    ),
-    RouterConfig(
-        "switch-cf1.25",
-        "SwitchGate",
-        {"balance_weight": 1e-2},
-        capacity_factor=1.25,
-        description="Switch top-1, capacity factor 1.25",
-    ),
-    RouterConfig(
-        "switch-cf2.0",
-        "SwitchGate",
-        {"balance_weight": 1e-2},
-        capacity_factor=2.0,
-        description="Switch top-1, capacity factor 2.0",
-    ),
-    RouterConfig("dselect-2", "DSelectKGate", {"k": 2}, description="DSelect-k, k = 2"),
-    RouterConfig(
-        "expert-choice",
-        "ExpertChoiceRouter",
-        {"capacity_factor": 2.0},
-        description="expert choice, capacity factor 2",
-    ),
-    RouterConfig("base", "BASERouter", description="BASE layer, balanced assignment"),
-    RouterConfig("sinkhorn", "SinkhornRouter", description="Sinkhorn-balanced top-1"),
-    RouterConfig(
-        "top2-pausing",
-        "TopKGate",
-        {"k": 2},
-        policy="PausingPolicy",
-        description="top-2 with Eigen et al. pausing (margin 0.1)",
-    ),
-    RouterConfig(
-        "top2-lossfree",
-        "TopKGate",
-        {"k": 2},
-        policy="LossFreeBalancingPolicy",
-        policy_kwargs={"k": 2, "rate": 1e-3},
-        description="top-2 with loss-free bias balancing (Wang et al. 2024)",
+        description="noisy top-2 without its balancing losses",
     ),
     *(
-        RouterConfig(
+        CompareRow(
+            f"switch-cf{cf}",
+            SwitchGate,
+            _SWITCH,
+            policies=(PolicySpec(CapacityPolicy, {"capacity_factor": cf}),),
+            description=f"Switch top-1 with balance loss, capacity factor {cf} (Fedus et al. 2021)",
+        )
+        for cf in (0.5, 1.0, 1.25, 2.0)
+    ),
+    CompareRow(
+        "dselect-2", DSelectKGate, {"k": 2}, description="DSelect-k, k = 2 (Hazimeh et al. 2021)"
+    ),
+    CompareRow(
+        "expert-choice",
+        ExpertChoiceRouter,
+        {"capacity_factor": 2.0},
+        description="expert choice: each expert takes its top tokens (Zhou et al. 2022)",
+    ),
+    CompareRow(
+        "base", BASERouter, description="BASE layer: balanced assignment (Lewis et al. 2021)"
+    ),
+    CompareRow(
+        "sinkhorn", SinkhornRouter, description="Sinkhorn-balanced top-1 (Clark et al. 2022)"
+    ),
+    CompareRow(
+        "top2-pausing",
+        TopKGate,
+        {"k": 2},
+        policies=(PolicySpec(PausingPolicy, {"margin": 0.1}),),
+        description="top-2 with Eigen et al. 2013 pausing of over-assigned experts",
+    ),
+    CompareRow(
+        "top2-lossfree",
+        TopKGate,
+        {"k": 2},
+        policies=(PolicySpec(LossFreeBalancingPolicy, {"k": 2, "rate": 1e-3}),),
+        description="top-2 with loss-free bias balancing (Wang et al. 2024)",
+    ),
+    # Hash rows run on tokens only: on digits the only id is the image's index, and
+    # held-out images have ids no table has seen (every table is then a random one).
+    *(
+        CompareRow(
             f"hash-{strategy}",
-            "HashRouter",
-            hash_strategy=strategy,
-            description=f"hash routing, {strategy} table",
+            HashRouter,
+            {"strategy": strategy},
+            datasets=("tokens",),
+            build_router=fit_hash,
+            description=f"hash routing by token id, {strategy} table (Roller et al. 2021)",
         )
         for strategy in ("random", "balanced", "clustered", "dispersed", "multi-hash")
     ),
 ):
-    register(_config)
-
-
-def available_routers() -> list[RouterConfig]:
-    """Every registered configuration whose router class exists, in registration order."""
-    return [c for c in REGISTRY.values() if c.available]
-
-
-def resolve_routers(names: list[str] | None) -> list[RouterConfig]:
-    """The configurations named (all available ones for None); unknown names raise."""
-    if not names:
-        return available_routers()
-    out = []
-    for name in names:
-        if name not in REGISTRY:
-            raise ValueError(f"unknown router {name!r}; known: {', '.join(REGISTRY)}")
-        config = REGISTRY[name]
-        if not config.available:
-            raise ValueError(f"router {name!r} needs routelab.routers.{config.router_class}")
-        out.append(config)
-    return out
+    register(_row)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from analysis.validation import as_float_array, as_labels, require_int
 from routelab.routing import Routing, require_routing
 
 __all__ = [
@@ -32,26 +33,9 @@ __all__ = [
     "mutual_information",
     "routing_stability",
     "shuffled_baseline",
+    "shuffled_levels",
     "specialisation",
 ]
-
-
-def _check_labels(labels: object, num_tokens: int, num_labels: int | None) -> tuple[Tensor, int]:
-    if not isinstance(labels, Tensor):
-        labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor [T], got {labels.dtype}")
-    if tuple(labels.shape) != (num_tokens,):
-        raise ValueError(f"labels must have shape [T] = [{num_tokens}], got {tuple(labels.shape)}")
-    labels = labels.long().cpu()
-    if labels.numel() and int(labels.min()) < 0:
-        raise ValueError(f"labels must be >= 0, got min {int(labels.min())}")
-    top = int(labels.max()) + 1 if labels.numel() else 1
-    if num_labels is None:
-        num_labels = top
-    elif top > num_labels:
-        raise ValueError(f"labels must be < num_labels = {num_labels}, got max {top - 1}")
-    return labels, num_labels
 
 
 def contingency(routing: Routing, labels: Tensor, num_labels: int | None = None) -> Tensor:
@@ -60,7 +44,9 @@ def contingency(routing: Routing, labels: Tensor, num_labels: int | None = None)
     ``labels`` int ``[T]``, values in ``[0, num_labels)`` (default: ``max + 1``).
     """
     routing = require_routing(routing, "routing")
-    labels, num_labels = _check_labels(labels, routing.num_tokens, num_labels)
+    labels, num_labels = as_labels(
+        "labels", labels, routing.num_tokens, num_labels, rows=routing.num_experts
+    )
     flat = routing.expert.cpu() * num_labels + labels[routing.token.cpu()]
     counts = torch.bincount(flat, minlength=routing.num_experts * num_labels)
     return counts.view(routing.num_experts, num_labels)
@@ -72,14 +58,7 @@ def _entropy(p: Tensor) -> float:
 
 
 def _check_table(table: object) -> Tensor:
-    if not isinstance(table, Tensor):
-        table = torch.as_tensor(table)
-    if table.dim() != 2 or table.shape[0] < 1 or table.shape[1] < 1:
-        raise ValueError(f"table must be a 2-D [E, L] tensor, got shape {tuple(table.shape)}")
-    table = table.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(table).all()) or bool((table < 0).any()):
-        raise ValueError("table must hold finite counts >= 0")
-    return table
+    return as_float_array("table", table, 2, nonnegative=True, min_size=1)
 
 
 def mutual_information(table: Tensor) -> float:
@@ -158,8 +137,7 @@ def specialisation(
         if labels is not None:
             raise ValueError("give labels only with a Routing, not with a table")
         table = routing_or_table
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be an int >= 1, got {top!r}")
+    top = require_int("top", top, minimum=1)
     t = _check_table(table)
     total = float(t.sum())
     mi = mutual_information(t)
@@ -194,7 +172,7 @@ def specialisation(
     )
 
 
-def _indicator(routing: Routing) -> Tensor:
+def expert_indicator(routing: Routing) -> Tensor:
     """float64 ``[T, E]``: 1 where token t has an entry for expert e."""
     out = torch.zeros(routing.num_tokens, routing.num_experts, dtype=torch.float64)
     out[routing.token.cpu(), routing.expert.cpu()] = 1.0
@@ -214,7 +192,7 @@ def coactivation(first: Routing, second: Routing) -> Tensor:
             f"first and second must route the same tokens, got T = {first.num_tokens} "
             f"and T = {second.num_tokens}"
         )
-    return (_indicator(first).T @ _indicator(second)).round().long()
+    return (expert_indicator(first).T @ expert_indicator(second)).round().long()
 
 
 def routing_stability(before: Routing, after: Routing) -> float:
@@ -233,7 +211,7 @@ def routing_stability(before: Routing, after: Routing) -> float:
         )
     if before.num_tokens == 0:
         return 0.0
-    changed = (_indicator(before) != _indicator(after)).any(1)
+    changed = (expert_indicator(before) != expert_indicator(after)).any(1)
     return float(changed.double().mean())
 
 
@@ -245,15 +223,8 @@ def frequency_buckets(counts: Tensor, num_buckets: int = 4) -> Tensor:
     the handful of most frequent tokens covering the first 1/B of the stream; the last
     bucket the long tail. Apply as ``buckets[token_ids]``.
     """
-    if not isinstance(counts, Tensor):
-        counts = torch.as_tensor(counts)
-    if counts.dim() != 1:
-        raise ValueError(f"counts must be 1-D [V], got shape {tuple(counts.shape)}")
-    if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 1:
-        raise ValueError(f"num_buckets must be an int >= 1, got {num_buckets!r}")
-    c = counts.detach().to("cpu", torch.float64)
-    if bool((c < 0).any()):
-        raise ValueError("counts must be >= 0")
+    c = as_float_array("counts", counts, 1, nonnegative=True)
+    num_buckets = require_int("num_buckets", num_buckets, minimum=1)
     order = torch.argsort(-c, stable=True)
     total = float(c.sum())
     before = torch.cumsum(c[order], 0) - c[order]
@@ -264,16 +235,43 @@ def frequency_buckets(counts: Tensor, num_buckets: int = 4) -> Tensor:
     return out
 
 
-def shuffled_baseline(
-    routing: Routing, labels: Tensor, num_labels: int | None = None, *, seed: int = 0
-) -> float:
-    """``I(expert; label)`` with the labels randomly permuted over the tokens (chance level).
+def shuffled_levels(
+    routing: Routing,
+    labels: Tensor,
+    num_labels: int | None = None,
+    *,
+    shuffles: int = 10,
+    seed: int = 0,
+) -> Tensor:
+    """float64 ``[shuffles]``: ``I(expert; label)`` with the labels randomly permuted over
+    the tokens, once per shuffle (the chance level and its spread).
 
-    Shuffling keeps both marginals, so the value is what a router that ignores the label
-    would score on a finite sample; compare a router's ``I(expert; label)`` with it.
+    Shuffling keeps both marginals, so each value is what a router that ignores the label
+    would score on a sample of this size; a router's ``I(expert; label)`` within about two
+    standard deviations of their mean is indistinguishable from chance. Permutation i
+    comes from ``torch.Generator().manual_seed(seed + i)``.
     """
     routing = require_routing(routing, "routing")
-    labels, num_labels = _check_labels(labels, routing.num_tokens, num_labels)
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(labels.shape[0], generator=gen)
-    return mutual_information(contingency(routing, labels[perm], num_labels))
+    labels, num_labels = as_labels(
+        "labels", labels, routing.num_tokens, num_labels, rows=routing.num_experts
+    )
+    shuffles = require_int("shuffles", shuffles, minimum=1)
+    seed = require_int("seed", seed, minimum=0)
+    values = []
+    for i in range(shuffles):
+        gen = torch.Generator().manual_seed(seed + i)
+        perm = torch.randperm(labels.shape[0], generator=gen)
+        values.append(mutual_information(contingency(routing, labels[perm], num_labels)))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def shuffled_baseline(
+    routing: Routing,
+    labels: Tensor,
+    num_labels: int | None = None,
+    *,
+    seed: int = 0,
+    shuffles: int = 1,
+) -> float:
+    """The mean of :func:`shuffled_levels` (``shuffles`` permutations; default one)."""
+    return float(shuffled_levels(routing, labels, num_labels, shuffles=shuffles, seed=seed).mean())

@@ -40,7 +40,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["BalancingState", "in_backward_recompute", "update_balancing"]
+from routelab._validate import require_float, require_int
+
+__all__ = [
+    "BalancingState",
+    "GlobalLoadCounts",
+    "SelectionBias",
+    "in_backward_recompute",
+    "update_balancing",
+]
 
 
 def in_backward_recompute() -> bool:
@@ -140,6 +148,194 @@ class BalancingState(nn.Module):
     def apply_update(self, statistics: Mapping[str, Tensor]) -> None:
         """Change the state from the summed statistics (float64 tensors)."""
         raise NotImplementedError
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        # A controller's state must be finite: a NaN bias or total would silently poison
+        # every later selection. Refuse it up front, naming the key.
+        for name in self._buffers:
+            value = state_dict.get(prefix + name)
+            if isinstance(value, Tensor) and value.is_floating_point() and value.numel():
+                if not bool(torch.isfinite(value).all()):
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: {prefix + name!r} contains "
+                        "NaN or inf; balancing state must be finite"
+                    )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+
+
+class SelectionBias(BalancingState):
+    """The auxiliary-loss-free selection bias ``b [E]`` (Wang, Gao, Zhao, Dai & Lin 2024,
+    Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts; DeepSeek-V3).
+
+    The bias changes which experts are selected, never the combine weights::
+
+        chosen(x) = TopK(s(x) + b, k)          s(x) [E] the router's scores
+        weight(x, i) from s(x) alone            (the router's own weight rule)
+
+    ``forward`` of the router calls :meth:`observe_selection` with the chosen expert ids
+    (or :meth:`observe_load` with a load ``[E]``); the loads are summed until the
+    explicit update step (:func:`update_balancing` / :meth:`update`, after
+    ``optimizer.step()``), which all-reduces them over the process group and applies the
+    paper's rule (their Algorithm 1, with ``u = rate``)::
+
+        load_i = entries of expert i since the last update (all micro-batches, all ranks)
+        b_i  +=  rate * sign(mean_j(load_j) - load_i)
+
+    Overloaded experts become less attractive, underloaded ones more; an expert exactly at
+    the mean keeps its bias. ``bias`` is a float32 buffer (saved in the ``state_dict``,
+    not a parameter; loading a non-finite bias raises). Eval-mode forwards and backward
+    recomputes (activation checkpointing) are not observed.
+
+    Args:
+        num_experts: E.
+        rate: the update speed u >= 0 (DeepSeek-V3 uses 1e-3; 0 freezes the bias).
+    """
+
+    def __init__(self, num_experts: int, *, rate: float = 1e-3) -> None:
+        super().__init__()
+        self.num_experts = require_int("num_experts", num_experts, 1)
+        self.rate = require_float("rate", rate, minimum=0.0)
+        self.register_statistic("load", self.num_experts)
+        self.register_buffer("bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def biased(self, scores: Tensor) -> Tensor:
+        """``scores + b`` for selection (``scores [..., E]``, detached; in scores' dtype,
+        at least fp32)."""
+        if scores.shape[-1] != self.num_experts:
+            raise ValueError(
+                f"scores must have last dimension E = {self.num_experts}, "
+                f"got shape {tuple(scores.shape)}"
+            )
+        dtype = torch.promote_types(scores.dtype, torch.float32)
+        return scores.detach().to(dtype) + self.bias.to(device=scores.device, dtype=dtype)
+
+    def select(self, scores: Tensor, k: int) -> Tensor:
+        """int64 ``[T, k]``: ``TopK(scores + b, k)`` (ties to the lower expert id, as
+        ``torch.topk`` on CPU and CUDA gives for equal values in practice). Observes the
+        selection (see :meth:`observe_selection`)."""
+        k = require_int("k", k, 1, self.num_experts)
+        chosen = torch.topk(self.biased(scores), k, dim=-1).indices
+        self.observe_selection(chosen)
+        return chosen
+
+    def observe_selection(self, expert: Tensor) -> bool:
+        """Count the chosen expert ids (int tensor of any shape, e.g. ``[T, k]`` or a
+        Routing's ``expert [N]``) into the pending load; returns whether it counted."""
+        if not isinstance(expert, Tensor) or expert.is_floating_point():
+            raise TypeError("expert must be an integer tensor of expert ids")
+        flat = expert.detach().reshape(-1).long()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_experts):
+            raise ValueError(
+                f"expert ids out of range [0, {self.num_experts}): "
+                f"min {int(flat.min())}, max {int(flat.max())}"
+            )
+        return self.observe_load(torch.bincount(flat, minlength=self.num_experts))
+
+    def observe_load(self, load: Tensor) -> bool:
+        """Add a load ``[E]`` (entries per expert) to the pending load."""
+        return self.observe(load=torch.as_tensor(load))
+
+    def apply_update(self, statistics: Mapping[str, Tensor]) -> None:
+        load = statistics["load"]
+        step = torch.sign(load.mean() - load)
+        self.bias.add_((self.rate * step).to(self.bias))
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, rate={self.rate}"
+
+
+class GlobalLoadCounts(BalancingState):
+    """The load per expert over the global batch so far: the counts of the global-batch
+    balance loss (Qiu et al. 2025, Demons in the Detail: On Implementing Load Balancing
+    Loss for Training Specialized Mixture-of-Expert Models; Qwen3-MoE).
+
+    A training forward calls :meth:`accumulate` with its micro-batch's load ``[E]`` and
+    scores ``[T, E]``. They are observed into the pending sums (this micro-batch
+    included), and the pending load, with this micro-batch's token count, is all-reduced
+    over ``group`` (one ``[E + 1]`` float64 all-reduce per forward: Qiu et al.'s extra
+    communication step). So micro-batch m of an optimiser step sees the load of
+    micro-batches 1..m on every rank: the last micro-batch sees the whole global batch
+    (Megatron-Core's ``global_aux_loss`` uses the same running counts). The explicit
+    update step (:func:`update_balancing`, after ``optimizer.step()``; pass the same
+    group) stores the step's global statistics and clears the pending sums, so the next
+    step starts from zero:
+
+        step_load [E]   the global batch's load (every micro-batch, every rank)
+        step_tokens     its number of tokens
+        step_loss       E * sum_i f_i P_i over the global batch (the exact global-batch
+                        loss value, unscaled, for logging)
+
+    Exact equality with the loss and gradient on the concatenated global batch holds for
+    one micro-batch per step at any world size. With gradient accumulation an earlier
+    micro-batch's backward cannot know the later micro-batches' counts (its graph is
+    freed before they exist), so its loss uses the counts so far, the same for any split
+    of the step's micro-batches over the ranks; ``step_loss`` is still the exact value.
+
+    Eval-mode forwards use the micro-batch's own local load (no collective, nothing
+    observed). A backward recompute (activation checkpointing) is not observed again and
+    reuses the pending sums, which already hold its micro-batch.
+
+    Args:
+        num_experts: E.
+        group: the data-parallel process group (None: this process only).
+    """
+
+    def __init__(self, num_experts: int, *, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.num_experts = require_int("num_experts", num_experts, 1)
+        self.group = group
+        self.register_statistic("load", self.num_experts)
+        self.register_statistic("probs", self.num_experts)
+        self.register_statistic("tokens", ())
+        self.register_buffer("step_load", torch.zeros(self.num_experts, dtype=torch.float64))
+        self.register_buffer("step_tokens", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("step_loss", torch.zeros((), dtype=torch.float64))
+
+    def accumulate(self, load: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """Observe one micro-batch; return ``(global_load [E], tokens [])``, float64.
+
+        ``load`` int or float ``[E]`` the micro-batch's selections per expert, ``probs
+        [T, E]`` its per-token normalised scores. ``global_load`` is the load of this
+        step's micro-batches so far on every rank, ``tokens = T_global / W`` with
+        ``T_global`` this micro-batch's tokens summed over the W ranks (the normaliser
+        that makes the mean of the ranks' losses the global one; see
+        :func:`routelab.losses.load_balance_loss`).
+        """
+        load = torch.as_tensor(load).detach()
+        if tuple(load.shape) != (self.num_experts,) or probs.shape[-1:] != load.shape:
+            raise ValueError(
+                f"load must be [E] and probs [T, E] with E = {self.num_experts}, got "
+                f"{tuple(load.shape)} and {tuple(probs.shape)}"
+            )
+        tokens = torch.tensor(float(probs.shape[0]), dtype=torch.float64, device=load.device)
+        if not self.training:
+            return load.to(torch.float64), tokens
+        # skipped during a backward recompute, whose micro-batch is already pending
+        self.observe(load=load, probs=probs.detach().sum(dim=0), tokens=tokens)
+        world = 1
+        summed = torch.cat([self.pending("load").to(load.device), tokens.reshape(1)])
+        if self.group is not None:
+            world = dist.get_world_size(self.group)
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)
+        return summed[: self.num_experts], summed[-1] / world
+
+    def apply_update(self, statistics: Mapping[str, Tensor]) -> None:
+        load, tokens = statistics["load"], statistics["tokens"]
+        self.step_load.copy_(load)
+        self.step_tokens.copy_(tokens)
+        total = load.sum()
+        if bool(total > 0) and bool(tokens > 0):
+            mean_prob = statistics["probs"] / tokens
+            self.step_loss.copy_(self.num_experts * ((load / total) * mean_prob).sum())
+        else:
+            self.step_loss.zero_()
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, group={'set' if self.group else None}"
 
 
 def update_balancing(module: nn.Module, group: dist.ProcessGroup | None = None) -> int:

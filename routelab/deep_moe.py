@@ -25,6 +25,7 @@ __all__ = ["DeepMoE", "DeepMoEOutput", "build_deep_moe"]
 
 RouterFactory = Callable[[int, int], Router]
 PolicyFactory = Callable[[int], Sequence[Policy]]
+LayerFactory = Callable[[int], MoE]
 
 
 class DeepMoEOutput(NamedTuple):
@@ -57,7 +58,12 @@ class DeepMoE(nn.Module):
             Eigen et al. use a dense softmax gate).
         make_policies: ``layer index -> policies`` for that layer (default none; e.g.
             ``lambda i: [PausingPolicy(E)]`` for Eigen's balancing).
-        residual: add each MoE layer's input to its output (off, as in the paper).
+        residual: add each MoE layer's input to its output (off, as in the paper). With a
+            capacity or pausing policy, turn it on: a dropped token then passes through
+            unchanged instead of becoming a zero vector.
+        make_layer: ``layer index -> MoE`` of width ``d_model`` with ``num_experts``
+            experts, built by the caller (e.g. from a registry entry); replaces
+            ``make_router``, ``make_policies`` and ``d_hidden``.
     """
 
     def __init__(
@@ -72,6 +78,7 @@ class DeepMoE(nn.Module):
         make_router: RouterFactory | None = None,
         make_policies: PolicyFactory | None = None,
         residual: bool = False,
+        make_layer: LayerFactory | None = None,
     ) -> None:
         super().__init__()
         _require_int("in_features", in_features, 1)
@@ -80,19 +87,26 @@ class DeepMoE(nn.Module):
         _require_int("num_experts", num_experts, 1)
         _require_int("num_layers", num_layers, 1)
         d_hidden = 2 * d_model if d_hidden is None else _require_int("d_hidden", d_hidden, 1)
-        if make_router is None:
-
-            def make_router(d: int, e: int) -> Router:
-                return TopKGate(d, e, k=min(2, e))
-
         self.residual = bool(residual)
         self.embed = nn.Linear(in_features, d_model)
-        layers = []
-        for i in range(num_layers):
-            router = make_router(d_model, num_experts)
+        if make_layer is not None and (make_policies is not None or make_router is not None):
+            raise ValueError("give make_layer or make_router / make_policies, not both")
+
+        def default_layer(i: int) -> MoE:
+            router = (make_router or _default_router)(d_model, num_experts)
             policies = list(make_policies(i)) if make_policies is not None else []
             experts = FFNExperts(num_experts, d_model, d_hidden, activation="relu")
-            layers.append(MoE(router, experts, policies))
+            return MoE(router, experts, policies)
+
+        layers = []
+        for i in range(num_layers):
+            layer = (make_layer or default_layer)(i)
+            if not isinstance(layer, MoE) or layer.num_experts != num_experts:
+                raise ValueError(
+                    f"make_layer({i}) must return an MoE with num_experts = {num_experts}, "
+                    f"got {layer!r:.80}"
+                )
+            layers.append(layer)
         self.layers = nn.ModuleList(layers)
         self.head = nn.Linear(d_model, num_classes)
 
@@ -105,6 +119,10 @@ class DeepMoE(nn.Module):
             h = torch.relu(out.output + h if self.residual else out.output)
             routings.append(out.routing)
         return DeepMoEOutput(self.head(h), routings)
+
+
+def _default_router(d: int, e: int) -> Router:
+    return TopKGate(d, e, k=min(2, e))
 
 
 def build_deep_moe(in_features: int, num_classes: int, **options: object) -> DeepMoE:

@@ -42,8 +42,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from routelab.experts import ExpertDispatch, FFNExperts
-from routelab.moe import MoE, MoEOutput, flatten_tokens
+from routelab.moe import (
+    MoE,
+    MoEOutput,
+    check_shared_experts,
+    flatten_tokens,
+    sequence_length_of,
+)
 from routelab.policies import Policy, policy_list
+from routelab.replay import run_router
 from routelab.router import Router, check_router_input
 from routelab.routing import Routing
 
@@ -245,11 +252,20 @@ class ExpertParallelMoE(nn.Module):
             solves the same deterministic problem) and keeps this rank's slice; the
             combine weights come from the local scores, so gradients stay local. Other
             routers ignore it unless it is ``"global"``, which is an error for them.
+        shared_experts: always-on experts (``routelab.moe.SharedExperts``) replicated on
+            every rank (not sharded), run on the local tokens and added to the output;
+            their gradients are those of replicated parameters.
+
+    Like ``MoE``, the router gets the sequence layout and the layer supports router
+    replay (:class:`routelab.replay.RouterReplay`: record on every rank, replay on
+    every rank).
 
     Backward must run on every rank of the group (each exchange's backward is a
     collective), which it does when every rank backpropagates a loss built from its
     output.
     """
+
+    supports_router_replay = True
 
     def __init__(
         self,
@@ -259,6 +275,7 @@ class ExpertParallelMoE(nn.Module):
         *,
         group: dist.ProcessGroup | None = None,
         assignment: str = "per_rank",
+        shared_experts: nn.Module | None = None,
     ) -> None:
         super().__init__()
         rank, world = _group_info(group)
@@ -289,6 +306,8 @@ class ExpertParallelMoE(nn.Module):
         self.router = router
         self.experts = experts
         self.policies = policy_list(policies)
+        self.shared_experts = check_shared_experts(shared_experts, router)
+        self._router_replay = None
         self.group = group
         self.assignment = assignment
         self.rank, self.world_size = rank, world
@@ -317,14 +336,24 @@ class ExpertParallelMoE(nn.Module):
             list(moe.policies),
             group=group,
             assignment=assignment,
+            shared_experts=moe.shared_experts,
         )
 
     # ------------------------------------------------------------------ forward
-    def route(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
-        """The local routing of ``x [T_r, d]`` (global expert ids), before the policies."""
+    def route(
+        self, x: Tensor, token_ids: Tensor | None = None, *, sequence_length: int | None = None
+    ) -> Routing:
+        """The local routing of ``x [T_r, d]`` (global expert ids), before the policies
+        (recorded or replayed inside :class:`routelab.replay.RouterReplay`)."""
+        fresh = None
         if self.assignment == "global":
-            return self._global_assignment(x, token_ids)
-        return self.router(x, token_ids)
+
+            def fresh() -> Routing:
+                return self._global_assignment(x, token_ids)
+
+        return run_router(
+            self, self.router, x, token_ids, sequence_length=sequence_length, fresh=fresh
+        )
 
     def _global_assignment(self, x: Tensor, token_ids: Tensor | None) -> Routing:
         """BASE over all ranks' tokens: gather the scores, solve once, keep my slice."""
@@ -346,10 +375,12 @@ class ExpertParallelMoE(nn.Module):
                 f"x is {flat_x.dtype} on {flat_x.device} but the expert shard is "
                 f"{weight.dtype} on {weight.device}"
             )
-        routing = self.route(flat_x, flat_ids)
+        routing = self.route(flat_x, flat_ids, sequence_length=sequence_length_of(x))
         for policy in self.policies:
             routing = policy(routing)
         y = self.dispatch_combine(flat_x, routing)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat_x)
         return MoEOutput(y.reshape(*leading, y.shape[-1]), routing)
 
     def dispatch_combine(self, x: Tensor, routing: Routing) -> Tensor:

@@ -2,35 +2,107 @@
 
 The fast path (after torchtitan's grouped experts and ScatterMoE):
 
-1. sort the N entries by expert (stable), so each expert's rows are contiguous;
+1. sort the N entries by expert (stable), so each expert's rows are contiguous
+   (:class:`ExpertDispatch`);
 2. gather the rows ``x[token]`` into ``xs [N, d]``;
-3. run one matmul per contiguous expert segment (a grouped GEMM on CUDA where torch
-   provides one);
+3. run each projection as one grouped matmul over the expert segments
+   (:func:`grouped_linear`; :meth:`Experts.run_sorted` is this step alone, for rows that
+   are already in expert order, e.g. the receiving side of expert parallelism);
 4. multiply by the combine weights and scatter-add back into ``y [T, d]``.
 
-:meth:`FFNExperts.dense_forward` is the plain reference kept beside it for tests:
-every expert on every token, masked by the dense combine matrix.
+Two kernels compute the grouped matmul ``ys[rows of e] = xs[rows of e] @ W[e] + b[e]``:
+
+- ``"grouped"``: ``torch._grouped_mm`` (CPU and CUDA; fp32, bf16, fp16; its rows must be
+  a multiple of 16 bytes long: d and h multiples of 4 in fp32, of 8 in half precision).
+  No host sync (the segment ends are computed on the device), so it also runs under
+  ``torch.compile(fullgraph=True)``.
+- ``"segment"``: one ``addmm`` per non-empty segment inside one autograd function whose
+  backward writes each expert's weight gradient straight into one ``[E, d, h]`` buffer
+  (no per-expert parameter views, no re-stacking of gradients). Any dtype (fp64
+  included) and any size; it needs the segment sizes on the host (one sync).
+
+Which kernel runs (``FFNExperts(grouped_gemm="auto")``, the default): ``"grouped"``
+wherever ``torch._grouped_mm`` accepts the dtype and the sizes, ``"segment"``
+otherwise. This rule is what ``benchmarks/experts.py`` measured on CPU (torch 2.13,
+fp32, 1 thread, the five configurations of issue 17): the two kernels are within a few
+percent of each other everywhere (both run one GEMM per expert; ``_grouped_mm`` issues
+them from C++, which wins as E grows), and only the grouped kernel compiles without a
+graph break. ``grouped_gemm=False`` forces the segment kernel, ``True`` the grouped one.
+
+Kept beside them as tested references: :meth:`FFNExperts.loop_forward` (the plain
+per-expert Python loop through autograd, :meth:`ExpertDispatch.run_segments`) and
+:meth:`FFNExperts.dense_forward` (every expert on every token, masked by the dense
+combine matrix).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.routing import Routing, _require_int, require_routing
+from routelab._validate import require_int
+from routelab.routing import Routing, require_routing
 
-__all__ = ["ExpertDispatch", "Experts", "FFNExperts", "ModuleExperts"]
+__all__ = [
+    "ExpertDispatch",
+    "ExpertSegments",
+    "Experts",
+    "FFNExperts",
+    "ModuleExperts",
+    "grouped_kernel_accepts",
+    "grouped_linear",
+]
 
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
+KERNELS = ("grouped", "segment")
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@dataclass
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision outputs are accumulated in fp32 and cast back once."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ---------------------------------------------------------------------- the layout
+class ExpertSegments:
+    """The layout of N rows sorted by expert: expert e owns rows ``[end_{e-1}, end_e)``.
+
+    Built from ``counts``, the rows of each expert: an int64 tensor ``[E]`` on the rows'
+    device (no host sync) or a sequence of E ints (already on the host). :meth:`sizes`
+    gives them as a Python list (one host sync for a tensor, at most once; the
+    per-expert loops need it).
+    """
+
+    def __init__(self, counts: Tensor | Sequence[int], *, device: torch.device | None = None):
+        if isinstance(counts, Tensor):
+            if counts.dim() != 1 or counts.is_floating_point():
+                raise ValueError(f"counts must be an int tensor [E], got {counts!r}")
+            self.counts = counts.long()
+            self._sizes: list[int] | None = None
+        else:
+            sizes = [require_int(f"counts[{e}]", n, 0) for e, n in enumerate(counts)]
+            self.counts = torch.tensor(sizes, dtype=torch.int64, device=device)
+            self._sizes = sizes
+        if self.counts.numel() < 1:
+            raise ValueError("counts must hold at least one expert")
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.counts.shape[0])
+
+    def sizes(self) -> list[int]:
+        if self._sizes is None:
+            self._sizes = [int(n) for n in self.counts.tolist()]
+        return self._sizes
+
+
 class ExpertDispatch:
     """A routing's entries sorted by expert: the plan every expert executor shares.
 
@@ -38,29 +110,32 @@ class ExpertDispatch:
         token: int64 ``[N]``, the token of each entry in expert order.
         expert: int64 ``[N]``, the expert of each entry, non-decreasing.
         weight: float ``[N]``, the combine weight of each entry in expert order.
-        counts: the number of entries of each expert, a Python list of length E
-            (one host sync; the segment loop needs the sizes).
+        segments: the :class:`ExpertSegments` of the sorted entries (``counts`` int64 ``[E]``
+            on the device; the sizes on the host only when a caller asks).
     """
 
-    token: Tensor
-    expert: Tensor
-    weight: Tensor
-    counts: list[int]
+    def __init__(self, token: Tensor, expert: Tensor, weight: Tensor, segments: ExpertSegments):
+        self.token, self.expert, self.weight, self.segments = token, expert, weight, segments
 
     @classmethod
     def plan(cls, routing: Routing) -> ExpertDispatch:
+        """Sort ``routing``'s entries by expert (stable: entry order within an expert)."""
         order = torch.argsort(routing.expert, stable=True)
-        counts = torch.bincount(routing.expert, minlength=routing.num_experts)
-        return cls(
-            token=routing.token[order],
-            expert=routing.expert[order],
-            weight=routing.weight[order],
-            counts=counts.tolist(),
-        )
+        expert = routing.expert[order]
+        # segment ends by binary search on the sorted ids: a fixed-size [E] result
+        # (bincount's size depends on the data, which torch.compile cannot trace)
+        bounds = torch.arange(routing.num_experts + 1, device=expert.device)
+        starts = torch.searchsorted(expert, bounds)
+        segments = ExpertSegments(starts[1:] - starts[:-1])
+        return cls(routing.token[order], expert, routing.weight[order], segments)
+
+    @property
+    def counts(self) -> Tensor:
+        """int64 ``[E]``: the entries of each expert."""
+        return self.segments.counts
 
     def gather(self, x: Tensor) -> Tensor:
-        """``x [T, d] -> xs [N, d]``, the input rows in expert order (whole-buffer users:
-        grouped GEMM, all-to-all exchange)."""
+        """``x [T, d] -> xs [N, d]``, the input rows in expert order."""
         return x.index_select(0, self.token)
 
     def combine(self, ys: Tensor, num_tokens: int, dtype: torch.dtype) -> Tensor:
@@ -86,12 +161,13 @@ class ExpertDispatch:
         scatter-added in place into ``y``. With no entry at all, expert 0 runs on zero rows
         so that ``y`` stays in the autograd graph.
         """
+        sizes = self.segments.sizes()
         acc_dtype = _accumulation_dtype(x.dtype)
         out = x.new_zeros((x.shape[0], d_out), dtype=acc_dtype)
-        inputs = torch.split(self.gather(x), self.counts)
-        tokens = torch.split(self.token, self.counts)
-        weights = torch.split(self.weight, self.counts)
-        active = [e for e, n in enumerate(self.counts) if n] or [0]
+        inputs = torch.split(self.gather(x), sizes)
+        tokens = torch.split(self.token, sizes)
+        weights = torch.split(self.weight, sizes)
+        active = [e for e, n in enumerate(sizes) if n] or [0]
         for e in active:
             rows = expert_fn(e, inputs[e])
             if rows.dim() != 2 or rows.shape[1] != d_out:
@@ -102,13 +178,206 @@ class ExpertDispatch:
         return out.to(x.dtype)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision outputs are accumulated in fp32 and cast back once."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def as_segments(counts: ExpertSegments | Tensor | Sequence[int], rows: Tensor) -> ExpertSegments:
+    """``counts`` (segments, an int tensor ``[E]`` or E ints) as :class:`ExpertSegments`
+    for ``rows [N, ...]``; raises unless the counts sum to N (checked on the host only
+    when the sizes are there already, so a device tensor costs no sync)."""
+    segments = (
+        counts if isinstance(counts, ExpertSegments) else ExpertSegments(counts, device=rows.device)
+    )
+    if segments._sizes is not None and sum(segments._sizes) != rows.shape[0]:
+        raise ValueError(f"counts sum to {sum(segments._sizes)} but there are {rows.shape[0]} rows")
+    return segments
 
 
+# ---------------------------------------------------------------------- the kernels
+def grouped_kernel_accepts(rows: Tensor, *weights: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes ``rows [N, a]`` times each ``weights [E, a, b]``:
+    the kernel exists, the dtype is fp32 / bf16 / fp16, and every matrix dimension is a
+    multiple of 16 bytes (the kernel's stride rule)."""
+    if not hasattr(torch, "_grouped_mm") or rows.dtype not in GROUPED_DTYPES:
+        return False
+    size = rows.element_size()
+    return all((w.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0 for w in weights)
+
+
+def _segment_sizes(counts: Tensor) -> list[int]:
+    return [int(n) for n in counts.tolist()]
+
+
+def _grouped_linear_impl(
+    xs: Tensor, weight: Tensor, bias: Tensor | None, counts: Tensor, kernel: str
+) -> Tensor:
+    if kernel == "grouped":
+        out = torch._grouped_mm(xs, weight, offs=torch.cumsum(counts, 0).to(torch.int32))
+        if bias is not None:
+            row_expert = torch.repeat_interleave(
+                torch.arange(counts.shape[0], device=counts.device), counts, output_size=len(xs)
+            )
+            out += bias.index_select(0, row_expert)
+        return out
+    out = xs.new_empty((xs.shape[0], weight.shape[2]))
+    start = 0
+    for e, n in enumerate(_segment_sizes(counts)):
+        if n:
+            rows, target = xs[start : start + n], out[start : start + n]
+            if bias is None:
+                torch.mm(rows, weight[e], out=target)
+            else:
+                torch.addmm(bias[e], rows, weight[e], out=target)
+        start += n
+    return out
+
+
+def _grouped_linear_grads(
+    grad: Tensor,
+    xs: Tensor,
+    weight: Tensor,
+    counts: Tensor,
+    kernel: str,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad xs [N, a], grad weight [E, a, b], grad bias [E, b])``; an empty tensor
+    stands for a gradient not asked for. The weight gradient of every expert is written
+    once into one ``[E, a, b]`` tensor (no per-expert gradients to re-stack)."""
+    grad = grad.contiguous()
+    none = grad.new_empty(0)
+    if kernel == "grouped":
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        grad_x = torch._grouped_mm(grad, weight.transpose(-2, -1), offs=offs) if need_x else none
+        grad_w = torch._grouped_mm(xs.t(), grad, offs=offs) if need_w else none
+        grad_b = none
+        if need_b:
+            row_expert = torch.repeat_interleave(
+                torch.arange(counts.shape[0], device=counts.device), counts, output_size=len(xs)
+            )
+            grad_b = grad.new_zeros((weight.shape[0], weight.shape[2]))
+            grad_b.index_add_(0, row_expert, grad)
+        return grad_x, grad_w, grad_b
+    grad_x = torch.empty_like(xs) if need_x else none
+    grad_w = torch.empty_like(weight) if need_w else none
+    grad_b = grad.new_empty((weight.shape[0], weight.shape[2])) if need_b else none
+    start = 0
+    for e, n in enumerate(_segment_sizes(counts)):
+        g = grad[start : start + n]
+        if n and need_x:
+            torch.mm(g, weight[e].t(), out=grad_x[start : start + n])
+        if need_w:
+            if n:
+                torch.mm(xs[start : start + n].t(), g, out=grad_w[e])
+            else:
+                grad_w[e].zero_()
+        if need_b:
+            if n:
+                torch.sum(g, 0, out=grad_b[e])
+            else:
+                grad_b[e].zero_()
+        start += n
+    return grad_x, grad_w, grad_b
+
+
+# Custom operators: torch.compile sees each grouped matmul as one opaque node with a
+# known output shape, so neither the kernel's host-side sizes (segment) nor its meta
+# rules (torch._grouped_mm's fake kernel accepts only bf16) break the graph.
+@torch.library.custom_op("routelab::grouped_linear", mutates_args=())
+def _grouped_linear_op(
+    xs: Tensor, weight: Tensor, bias: Tensor | None, counts: Tensor, kernel: str
+) -> Tensor:
+    return _grouped_linear_impl(xs, weight, bias, counts, kernel)
+
+
+@_grouped_linear_op.register_fake
+def _(xs: Tensor, weight: Tensor, bias: Tensor | None, counts: Tensor, kernel: str) -> Tensor:
+    return xs.new_empty((xs.shape[0], weight.shape[2]))
+
+
+@torch.library.custom_op("routelab::grouped_linear_grads", mutates_args=())
+def _grouped_linear_grads_op(
+    grad: Tensor,
+    xs: Tensor,
+    weight: Tensor,
+    counts: Tensor,
+    kernel: str,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _grouped_linear_grads(grad, xs, weight, counts, kernel, need_x, need_w, need_b)
+
+
+@_grouped_linear_grads_op.register_fake
+def _(
+    grad: Tensor,
+    xs: Tensor,
+    weight: Tensor,
+    counts: Tensor,
+    kernel: str,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    none = grad.new_empty(0)
+    return (
+        torch.empty_like(xs) if need_x else none,
+        torch.empty_like(weight) if need_w else none,
+        grad.new_empty((weight.shape[0], weight.shape[2])) if need_b else none,
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    xs, weight, bias, counts, kernel = inputs
+    ctx.save_for_backward(xs, weight, counts)
+    ctx.kernel, ctx.has_bias = kernel, bias is not None
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    xs, weight, counts = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grads = _grouped_linear_grads_op(
+        grad, xs, weight, counts, ctx.kernel, need_x, need_w, need_b and ctx.has_bias
+    )
+    grad_x, grad_w, grad_b = (
+        g if need else None for g, need in zip(grads, (need_x, need_w, need_b))
+    )
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None
+
+
+_grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_linear(
+    xs: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    counts: ExpertSegments | Tensor,
+    kernel: str = "grouped",
+) -> Tensor:
+    """``xs [N, a]`` in expert order -> ``[N, b]``: ``xs[rows of e] @ weight[e] + bias[e]``.
+
+    ``weight [E, a, b]``, ``bias [E, b]`` or None, ``counts`` int64 ``[E]`` (or
+    :class:`ExpertSegments`) the rows of each expert. ``kernel``: ``"grouped"``
+    (``torch._grouped_mm``; see :func:`grouped_kernel_accepts`) or ``"segment"`` (one
+    matmul per segment, any dtype). Differentiable in ``xs``, ``weight`` and ``bias``;
+    traceable by ``torch.compile`` (a custom operator).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if isinstance(counts, ExpertSegments):
+        counts = counts.counts
+    return _grouped_linear_op(xs, weight, bias, counts, kernel)
+
+
+# ---------------------------------------------------------------------- executors
 class Experts(nn.Module):
-    """Base class of expert executors: ``forward(x [T, d], routing) -> y [T, d_out]``."""
+    """Base class of expert executors: ``forward(x [T, d], routing) -> y [T, d_out]``.
+
+    Subclasses implement :meth:`run_sorted` (rows already in expert order, no weights);
+    :meth:`forward` sorts, gathers, runs it and combines. Experts whose parameters are
+    all stacked per expert (leading dimension E) shard and gather themselves:
+    :meth:`expert_tensors`, :meth:`with_expert_tensors`, :meth:`select_experts`.
+    """
 
     num_experts: int
     d_model: int | None
@@ -136,6 +405,86 @@ class Experts(nn.Module):
             )
         if routing.device != x.device:
             raise ValueError(f"routing is on {routing.device} but x is on {x.device}")
+        if hasattr(routing, "check_ids"):
+            routing.check_ids()  # a no-op with routelab.validation(False)
+
+    def forward(self, x: Tensor, routing: Routing) -> Tensor:
+        """``x [T, d]``, any Routing over T tokens and E experts -> ``y [T, d_out]``."""
+        self.check_call(x, routing)
+        plan = ExpertDispatch.plan(routing)
+        ys = self.run_sorted(plan.gather(x), plan.segments)
+        return plan.combine(ys, x.shape[0], x.dtype)
+
+    def run_sorted(self, xs: Tensor, counts: ExpertSegments | Tensor | Sequence[int]) -> Tensor:
+        """Rows already in expert order -> their experts' outputs, unweighted.
+
+        ``xs [N, d]`` holds ``counts[0]`` rows for expert 0, then ``counts[1]`` for expert
+        1, ...; ``counts`` is an int64 tensor ``[E]``, E ints or :class:`ExpertSegments`.
+        Returns ``[N, d_out]``, row n the FFN of its expert on ``xs[n]``.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ sharding
+    def expert_tensors(self) -> dict[str, Tensor]:
+        """Every parameter and buffer, by name: each has the expert dimension E first.
+
+        Raises a TypeError for executors holding submodules or a tensor that is not
+        stacked per expert (they cannot be sliced by expert id)."""
+        if any(True for _ in self.children()):
+            raise TypeError(f"{type(self).__name__} holds submodules; it cannot be sliced")
+        tensors = {
+            name: t
+            for name, t in [*self._parameters.items(), *self._buffers.items()]
+            if t is not None
+        }
+        for name, t in tensors.items():
+            if t.dim() == 0 or t.shape[0] != self.num_experts:
+                raise TypeError(
+                    f"{type(self).__name__}.{name} has shape {tuple(t.shape)}: not stacked "
+                    f"per expert (first dimension {self.num_experts})"
+                )
+        return tensors
+
+    def with_expert_tensors(self, tensors: Mapping[str, Tensor]) -> Experts:
+        """A new executor like this one whose per-expert tensors are ``tensors`` (copies;
+        every name of :meth:`expert_tensors`, all with the same leading size E', which
+        becomes the new ``num_experts``). Parameters stay parameters (same
+        ``requires_grad``), buffers buffers."""
+        own = self.expert_tensors()
+        if set(tensors) != set(own):
+            raise ValueError(f"tensors must hold exactly {sorted(own)}, got {sorted(tensors)}")
+        sizes = {int(t.shape[0]) for t in tensors.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"tensors must share their first (expert) dimension, got {sizes}")
+        new = copy.copy(self)
+        new.__dict__ = dict(self.__dict__)
+        new._parameters = dict(self._parameters)
+        new._buffers = dict(self._buffers)
+        new.num_experts = sizes.pop()
+        for name, t in tensors.items():
+            old = own[name]
+            if tuple(t.shape[1:]) != tuple(old.shape[1:]):
+                raise ValueError(
+                    f"{name} must be [E', {', '.join(map(str, old.shape[1:]))}], "
+                    f"got {tuple(t.shape)}"
+                )
+            value = t.detach().to(device=old.device, dtype=old.dtype).clone()
+            if name in self._parameters:
+                new._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+            else:
+                new._buffers[name] = value
+        return new
+
+    def select_experts(self, ids: Sequence[int] | range) -> Experts:
+        """A new executor holding copies of experts ``ids`` (in that order): a shard."""
+        index = torch.as_tensor(list(ids), dtype=torch.int64)
+        if index.numel() == 0:
+            raise ValueError("ids must name at least one expert")
+        if int(index.min()) < 0 or int(index.max()) >= self.num_experts:
+            raise ValueError(f"ids must be expert ids in [0, {self.num_experts}), got {ids}")
+        return self.with_expert_tensors(
+            {n: t.index_select(0, index.to(t.device)) for n, t in self.expert_tensors().items()}
+        )
 
 
 def expert_ffn(
@@ -153,16 +502,19 @@ def expert_ffn(
     Shapes: ``w_in, w_gate [d, h]``, ``w_out [h, d_out]``, ``b_in [h]``, ``b_out [d_out]``.
     """
     h = x @ w_in if b_in is None else torch.addmm(b_in, x, w_in)
-    if activation == "relu":
-        h = F.relu(h)
-    elif activation == "gelu":
-        h = F.gelu(h)
-    elif activation == "silu":
-        h = F.silu(h)
-    else:  # swiglu
+    if activation == "swiglu":
         assert w_gate is not None
         h = F.silu(x @ w_gate) * h
+    else:
+        h = _ACTIVATION_FNS[activation](h)
     return h @ w_out if b_out is None else torch.addmm(b_out, h, w_out)
+
+
+_ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
 
 
 class FFNExperts(Experts):
@@ -181,9 +533,10 @@ class FFNExperts(Experts):
         d_hidden: h.
         activation: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"swiglu"``.
         bias: whether the two projections carry biases.
-        grouped_gemm: ``"auto"`` uses ``torch._grouped_mm`` on CUDA with bf16 where torch
-            provides it; ``True`` uses it on any device where torch has it (CPU included);
-            ``False`` never. The segment loop is the reference path and the CPU default.
+        grouped_gemm: the grouped-matmul kernel (module docstring): ``"auto"`` uses
+            ``torch._grouped_mm`` wherever it accepts the dtype and sizes (CPU and CUDA)
+            and the segment kernel otherwise; ``True`` always the grouped kernel (an
+            error where it cannot run); ``False`` always the segment kernel.
     """
 
     def __init__(
@@ -199,9 +552,9 @@ class FFNExperts(Experts):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.num_experts = _require_int("num_experts", num_experts, 1)
-        self.d_model = _require_int("d_model", d_model, 1)
-        self.d_hidden = _require_int("d_hidden", d_hidden, 1)
+        self.num_experts = require_int("num_experts", num_experts, 1)
+        self.d_model = require_int("d_model", d_model, 1)
+        self.d_hidden = require_int("d_hidden", d_hidden, 1)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if grouped_gemm not in (True, False, "auto"):
@@ -221,7 +574,7 @@ class FFNExperts(Experts):
 
     def with_num_experts(self, num_experts: int) -> FFNExperts:
         """A new FFNExperts of the same configuration, device and dtype with
-        ``num_experts`` experts (freshly initialised): shards and their inverse."""
+        ``num_experts`` experts (freshly initialised)."""
         return FFNExperts(
             num_experts,
             self.d_model,
@@ -247,34 +600,17 @@ class FFNExperts(Experts):
                 if p is not None:
                     p.uniform_(-bound, bound)
 
-    def per_expert_params(self) -> list[tuple[Tensor | None, ...]]:
-        """Each expert's ``(w_in [d, h], w_out [h, d], b_in, b_out, w_gate)``.
-
-        The stacks are unbound once per call: indexing ``w_in[e]`` in a loop would make
-        backward allocate a full ``[E, d, h]`` gradient per expert.
-        """
-
-        def split(p: Tensor | None) -> Sequence[Tensor | None]:
-            return [None] * self.num_experts if p is None else p.unbind(0)
-
-        return list(
-            zip(
-                self.w_in.unbind(0),
-                self.w_out.unbind(0),
-                split(self.b_in),
-                split(self.b_out),
-                split(self.w_gate),
-            )
-        )
-
     def expert_forward(self, e: int, x: Tensor) -> Tensor:
         """Expert e alone on rows ``x [n, d] -> [n, d]``."""
-        return self.run_expert(self.per_expert_params()[e], x)
-
-    def run_expert(self, params: tuple[Tensor | None, ...], x: Tensor) -> Tensor:
-        """One expert, given its ``per_expert_params`` entry, on rows ``x [n, d]``."""
-        w_in, w_out, b_in, b_out, w_gate = params
-        return expert_ffn(x, w_in, w_out, b_in, b_out, w_gate, self.activation)
+        return expert_ffn(
+            x,
+            self.w_in[e],
+            self.w_out[e],
+            None if self.b_in is None else self.b_in[e],
+            None if self.b_out is None else self.b_out[e],
+            None if self.w_gate is None else self.w_gate[e],
+            self.activation,
+        )
 
     def _check_dtype(self, x: Tensor) -> None:
         if x.dtype != self.w_in.dtype:
@@ -285,58 +621,61 @@ class FFNExperts(Experts):
         if x.device != self.w_in.device:
             raise ValueError(f"x is on {x.device} but the expert weights are on {self.w_in.device}")
 
-    def forward(self, x: Tensor, routing: Routing) -> Tensor:
-        """``x [T, d]``, any Routing over T tokens and E experts -> ``y [T, d]``."""
-        self.check_call(x, routing)
+    def check_call(self, x: object, routing: object) -> None:
+        super().check_call(x, routing)
+        assert isinstance(x, Tensor)
         self._check_dtype(x)
-        plan = ExpertDispatch.plan(routing)
-        if self._use_grouped_gemm(x, plan):
-            ys = self._grouped_forward(plan.gather(x), plan)
-            if ys is not None:
-                return plan.combine(ys, x.shape[0], x.dtype)
-        params = self.per_expert_params()
-        return plan.run_segments(x, lambda e, rows: self.run_expert(params[e], rows), self.d_model)
 
-    def _use_grouped_gemm(self, x: Tensor, plan: ExpertDispatch) -> bool:
-        """``"auto"``: CUDA, bf16, dims multiple of 16. ``True``: wherever torch has the
-        kernel (CPU included, which lets the tests check this path against the loop)."""
-        if self.grouped_gemm is False or not hasattr(torch, "_grouped_mm"):
-            return False
-        if not plan.token.numel():
-            return False
-        if self.grouped_gemm is True:
-            return True
-        return (
-            x.is_cuda
-            and x.dtype == torch.bfloat16
-            and self.d_model % 16 == 0
-            and self.d_hidden % 16 == 0
-        )
+    def kernel(self, xs: Tensor) -> str:
+        """``"grouped"`` or ``"segment"``: the kernel that runs for rows ``xs`` (module
+        docstring)."""
+        if self.grouped_gemm is False:
+            return "segment"
+        weights = [self.w_in, self.w_out]
+        if self.grouped_gemm is True or grouped_kernel_accepts(xs, *weights):
+            return "grouped"
+        return "segment"
 
-    def _grouped_forward(self, xs: Tensor, plan: ExpertDispatch) -> Tensor | None:
-        """``xs [N, d] -> ys [N, d]`` with ``torch._grouped_mm`` over the expert segments.
-
-        Returns None (after one warning, and ``"auto"`` turns itself off) if the kernel
-        refuses the shapes; the caller then runs the segment loop.
-        """
-        offsets = torch.cumsum(torch.tensor(plan.counts, device=xs.device), 0).to(torch.int32)
+    def run_sorted(self, xs: Tensor, counts: ExpertSegments | Tensor | Sequence[int]) -> Tensor:
+        """Rows already in expert order ``xs [N, d]`` (``counts`` rows per expert) ->
+        ``[N, d]``, each row through its expert's FFN; see :meth:`Experts.run_sorted`."""
+        self._check_dtype(xs)
+        if xs.dim() != 2 or xs.shape[1] != self.d_model:
+            raise ValueError(f"xs must be [N, d_model = {self.d_model}], got {tuple(xs.shape)}")
+        segments = as_segments(counts, xs)
+        if segments.num_experts != self.num_experts:
+            raise ValueError(
+                f"counts holds {segments.num_experts} experts, expected {self.num_experts}"
+            )
+        kernel = self.kernel(xs)
         try:
-            h = torch._grouped_mm(xs, self.w_in, offs=offsets)
-            if self.b_in is not None:
-                h = h + self.b_in[plan.expert]
-            if self.activation == "swiglu":
-                assert self.w_gate is not None
-                h = F.silu(torch._grouped_mm(xs, self.w_gate, offs=offsets)) * h
-            else:
-                h = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[self.activation](h)
-            ys = torch._grouped_mm(h, self.w_out, offs=offsets)
-            return ys if self.b_out is None else ys + self.b_out[plan.expert]
+            return self._ffn(xs, segments, kernel)
         except RuntimeError as err:
-            if self.grouped_gemm is True:
+            if kernel != "grouped" or self.grouped_gemm is True:
                 raise
-            warnings.warn(f"grouped GEMM unavailable ({err}); using the segment loop", stacklevel=3)
+            warnings.warn(
+                f"grouped GEMM unavailable ({err}); using the segment kernel", stacklevel=2
+            )
             self.grouped_gemm = False
-            return None
+            return self._ffn(xs, segments, "segment")
+
+    def _ffn(self, xs: Tensor, segments: ExpertSegments, kernel: str) -> Tensor:
+        h = grouped_linear(xs, self.w_in, self.b_in, segments, kernel)
+        if self.activation == "swiglu":
+            assert self.w_gate is not None
+            h = F.silu(grouped_linear(xs, self.w_gate, None, segments, kernel)) * h
+        elif self.activation == "relu":
+            h = F.relu(h, inplace=True)  # h is not saved by its producer
+        else:
+            h = _ACTIVATION_FNS[self.activation](h)
+        return grouped_linear(h, self.w_out, self.b_out, segments, kernel)
+
+    def loop_forward(self, x: Tensor, routing: Routing) -> Tensor:
+        """Reference: the plain per-expert loop (:meth:`ExpertDispatch.run_segments`,
+        autograd through every expert's own ops). Slow; for tests."""
+        self.check_call(x, routing)
+        plan = ExpertDispatch.plan(routing)
+        return plan.run_segments(x, self.expert_forward, self.d_model)
 
     def dense_forward(self, x: Tensor, routing: Routing) -> Tensor:
         """Reference: every expert on every token, masked by the dense combine matrix.
@@ -345,11 +684,10 @@ class FFNExperts(Experts):
         O(T * E) work; for tests and tiny cases.
         """
         self.check_call(x, routing)
-        self._check_dtype(x)
         combine = routing.to_dense().to(x.dtype)
         out = x.new_zeros(x.shape)
-        for e, params in enumerate(self.per_expert_params()):
-            out = out + combine[:, e : e + 1] * self.run_expert(params, x)
+        for e in range(self.num_experts):
+            out = out + combine[:, e : e + 1] * self.expert_forward(e, x)
         return out
 
     def extra_repr(self) -> str:
@@ -377,16 +715,24 @@ class ModuleExperts(Experts):
         self.experts = nn.ModuleList(experts)
         self.num_experts = len(experts)
         self.d_model = None
-        self.d_out = None if d_out is None else _require_int("d_out", d_out, 1)
+        self.d_out = None if d_out is None else require_int("d_out", d_out, 1)
+
+    def _width(self, x: Tensor) -> int:
+        return self.d_out if self.d_out is not None else x.shape[1]
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         self.check_call(x, routing)
-        d_out = self.d_out if self.d_out is not None else x.shape[1]
         plan = ExpertDispatch.plan(routing)
         try:
-            return plan.run_segments(x, lambda e, rows: self.experts[e](rows), d_out)
+            return plan.run_segments(x, lambda e, rows: self.experts[e](rows), self._width(x))
         except ValueError as err:
             raise ValueError(f"{err}; pass d_out= to ModuleExperts") from None
+
+    def run_sorted(self, xs: Tensor, counts: ExpertSegments | Tensor | Sequence[int]) -> Tensor:
+        segments = as_segments(counts, xs)
+        parts = torch.split(xs, segments.sizes())
+        outs = [self.experts[e](rows) for e, rows in enumerate(parts) if rows.shape[0]]
+        return torch.cat(outs) if outs else xs.new_zeros((0, self._width(xs)))
 
     def dense_forward(self, x: Tensor, routing: Routing) -> Tensor:
         """Reference: every expert on every token, masked by the dense combine matrix."""

@@ -13,7 +13,15 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["check_loss_weight", "cv_squared", "expert_sum", "router_z_loss", "switch_balance_loss"]
+__all__ = [
+    "check_loss_weight",
+    "cv_squared",
+    "expert_sum",
+    "load_balance_loss",
+    "router_z_loss",
+    "sequence_balance_loss",
+    "switch_balance_loss",
+]
 
 
 def check_loss_weight(name: str, value: object) -> float:
@@ -80,3 +88,75 @@ def router_z_loss(logits: Tensor) -> Tensor:
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def load_balance_loss(
+    probs: Tensor, load: Tensor, *, num_tokens: float | Tensor | None = None
+) -> Tensor:
+    """The balance loss ``E * sum_i f_i * P_i`` of a top-k router from its load (unscaled).
+
+    Switch / GShard (Fedus et al. 2021, eq. 4-6) for k experts per token, as Megatron-Core
+    computes it, and with a global load the global-batch loss of Qiu et al. 2025 (Demons
+    in the Detail: On Implementing Load Balancing Loss for Training Specialized MoE)::
+
+        f_i = load_i / sum_j load_j          fraction of the selections on expert i
+        P_i = (1 / num_tokens) * sum_t p_i(t)
+
+    ``probs [T, E]`` the router's per-token normalised scores, ``load [E]`` selections
+    per expert (a count; no gradient flows through it), ``num_tokens`` the normaliser of
+    P (default T). With ``load`` the batch's own top-k counts this is the micro-batch loss
+    (1 for uniform routing, E when every token sends everything to one expert). For the
+    global-batch loss ``load`` is counted over the global batch (every micro-batch and
+    data-parallel rank) and ``num_tokens = T_global / W``, so that the mean of the W
+    ranks' losses is ``E * sum_i f_i * P_i`` with P over the global batch and each rank's
+    gradient flows through its own tokens' p. 0 when T = 0 or the load is all zero.
+    """
+    num_experts = probs.shape[-1]
+    if tuple(load.shape) != (num_experts,):
+        raise ValueError(f"load must be [E] = [{num_experts}], got shape {tuple(load.shape)}")
+    load = load.detach().to(probs.dtype)
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    total = load.sum()
+    fraction = load / torch.where(total > 0, total, torch.ones_like(total))  # f [E], no sync
+    denominator = probs.shape[0] if num_tokens is None else num_tokens
+    mean_prob = probs.sum(dim=0) / torch.as_tensor(denominator).to(probs)  # P [E]
+    return num_experts * (fraction * mean_prob).sum()
+
+
+def sequence_balance_loss(
+    probs: Tensor, chosen: Tensor, sequence_length: int | None = None
+) -> Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (unscaled by alpha).
+
+    DeepSeek-AI 2024 (DeepSeek-V3 Technical Report, eq. 17-20), for each sequence of S
+    tokens::
+
+        f_i = E / (k S) * sum_t 1[i in TopK(t)]
+        P_i = (1 / S) * sum_t s'_{i,t}           s' the scores normalised per token
+        L_seq = sum_i f_i * P_i
+
+    averaged over the ``B = T / S`` sequences. ``probs [T, E]`` is ``s'`` with tokens in
+    sequence-major order (token ``b * S + j`` is position j of sequence b, the layout of
+    a flattened ``x [B, S, d]``), ``chosen`` int64 ``[T, k]`` the experts selected per
+    token, ``sequence_length`` S (None: the batch is one sequence; T must be a multiple
+    of S). 1 for uniform routing; 0 for an empty batch. Gradients flow through P only.
+    """
+    num_tokens, num_experts = probs.shape
+    if chosen.dim() != 2 or chosen.shape[0] != num_tokens:
+        raise ValueError(f"chosen must be [T, k] with T = {num_tokens}, got {tuple(chosen.shape)}")
+    if num_tokens == 0:
+        return probs.sum() * 0.0
+    length = num_tokens if sequence_length is None else int(sequence_length)
+    if length < 1 or num_tokens % length:
+        raise ValueError(
+            f"sequence_length must divide the number of tokens T = {num_tokens}, got {length}"
+        )
+    k = chosen.shape[1]
+    sequences = num_tokens // length
+    sequence_of = torch.arange(num_tokens, device=probs.device).div(length, rounding_mode="floor")
+    slot = sequence_of[:, None] * num_experts + chosen  # [T, k] flat (sequence, expert) ids
+    counts = torch.bincount(slot.reshape(-1), minlength=sequences * num_experts)
+    f = counts.view(sequences, num_experts).to(probs.dtype) * (num_experts / (k * length))
+    mean_prob = probs.view(sequences, length, num_experts).mean(dim=1)  # P [B, E]
+    return (f * mean_prob).sum(dim=1).mean()

@@ -2,46 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from routelab.routing import Routing, _require_int
+from routelab._validate import (
+    require_int,
+    set_validation,
+    validation,
+    validation_enabled,
+)
+from routelab.routing import Routing
 
 __all__ = [
+    "MIN_TEMPERATURE",
     "Router",
     "check_router_input",
+    "check_sequence_length",
     "router_logits",
     "set_validation",
     "validation",
     "validation_enabled",
 ]
-
-_VALIDATION = {"enabled": True}
-
-
-def validation_enabled() -> bool:
-    """Whether the checks that need a host sync (non-finite inputs) are on."""
-    return _VALIDATION["enabled"]
-
-
-def set_validation(enabled: bool) -> None:
-    """Turn the host-syncing input checks on or off globally (on by default)."""
-    _VALIDATION["enabled"] = bool(enabled)
-
-
-@contextlib.contextmanager
-def validation(enabled: bool) -> Iterator[None]:
-    """Context manager: ``with routelab.validation(False): ...`` for the fastest path."""
-    previous = _VALIDATION["enabled"]
-    _VALIDATION["enabled"] = bool(enabled)
-    try:
-        yield
-    finally:
-        _VALIDATION["enabled"] = previous
 
 
 def check_router_input(
@@ -88,21 +71,39 @@ class Router(nn.Module):
     - ``requires_token_ids``: the router routes by token id (hash routers).
     - ``stochastic_in_training``: training-mode routing draws random numbers (noise,
       jitter); seeded runs must still repeat exactly.
+    - ``uses_sequence_layout``: the router needs the sequence layout of its tokens (the
+      sequence-wise balance loss). Then ``forward``'s ``sequence_length`` reaches
+      ``route(x, token_ids, sequence_length=S)``; every other router's
+      ``route(x, token_ids)`` never sees it.
+
+    Sequence layout (the one way a router learns sequence boundaries): the tokens of
+    ``x [T, d]`` are ``B = T / S`` sequences of ``sequence_length`` S in sequence-major
+    order (token ``b * S + j`` is position j of sequence b), the flattening of
+    ``x [B, S, d]``. ``MoE`` passes ``sequence_length = x.shape[-2]`` for inputs with 3 or
+    more dimensions to routers with ``uses_sequence_layout``; None (2-D input, or a
+    direct call without it) means the batch is one sequence.
     """
 
     differentiable: ClassVar[bool] = True
     requires_token_ids: ClassVar[bool] = False
     stochastic_in_training: ClassVar[bool] = False
+    uses_sequence_layout: ClassVar[bool] = False
 
     def __init__(self, d_model: int, num_experts: int) -> None:
         super().__init__()
-        self.d_model = _require_int("d_model", d_model, 1)
-        self.num_experts = _require_int("num_experts", num_experts, 1)
+        self.d_model = require_int("d_model", d_model, 1)
+        self.num_experts = require_int("num_experts", num_experts, 1)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+    def forward(
+        self, x: Tensor, token_ids: Tensor | None = None, *, sequence_length: int | None = None
+    ) -> Routing:
         check_router_input(x, self.d_model, token_ids, need_token_ids=self.requires_token_ids)
         if token_ids is not None:
             token_ids = token_ids.long()
+        if sequence_length is not None:
+            sequence_length = check_sequence_length(sequence_length, x.shape[0])
+        if self.uses_sequence_layout:
+            return self.route(x, token_ids, sequence_length=sequence_length)  # type: ignore[call-arg]
         return self.route(x, token_ids)
 
     def route(self, x: Tensor, token_ids: Tensor | None) -> Routing:
@@ -111,6 +112,12 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}"
+
+
+#: The smallest softmax temperature (and DSelect-k smooth-step width) routers accept: below
+#: it a softmax of fp32 logits is an argmax at fp32 resolution, and ``logits / tau`` or
+#: ``t^3 / gamma^3`` come close to overflowing. Values below are refused as mistakes.
+MIN_TEMPERATURE = 1e-6
 
 
 def upcast_half(t: Tensor) -> Tensor:
@@ -138,9 +145,19 @@ def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     return logits
 
 
+def check_sequence_length(sequence_length: object, num_tokens: int) -> int:
+    """Validate a sequence layout: ``sequence_length`` S >= 1 dividing T (any S for T = 0)."""
+    length = require_int("sequence_length", sequence_length, 1)
+    if num_tokens % length:
+        raise ValueError(
+            f"sequence_length = {length} must divide the number of tokens T = {num_tokens}"
+        )
+    return length
+
+
 def check_k(k: object, num_experts: int) -> int:
     """Validate the number of experts per token: ``1 <= k <= num_experts``."""
-    k = _require_int("k", k, 1)
+    k = require_int("k", k, 1)
     if k > num_experts:
         raise ValueError(f"k must be <= num_experts = {num_experts}, got k = {k}")
     return k

@@ -9,24 +9,58 @@ Policies map a Routing to a Routing; experts execute any Routing.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
+
+from routelab._validate import (
+    INT64_MAX,
+    ceil_fraction,
+    exact_fraction,
+    require_int,
+    validation_enabled,
+)
 
 __all__ = ["Routing"]
 
 
 def _require_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    """Kept for the modules that still import it; new code uses routelab._validate."""
+    return require_int(name, value, minimum)
 
 
-@dataclass(eq=False)
+class FrozenAux(dict):  # type: ignore[type-arg]
+    """``Routing.aux``: a read-only ``dict[str, Tensor]`` (a Routing is immutable).
+
+    Build a Routing with more losses through the constructor or
+    ``dataclasses.replace(routing, aux={**routing.aux, "name": loss})``.
+    """
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError(
+            "Routing.aux is read-only (a Routing is immutable); build a new Routing with "
+            "dataclasses.replace(routing, aux={**routing.aux, ...})"
+        )
+
+    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _refuse
+    __ior__ = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenAux, (dict(self),))
+
+    def __copy__(self) -> FrozenAux:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> FrozenAux:
+        import copy
+
+        return FrozenAux({k: copy.deepcopy(v, memo) for k, v in self.items()})
+
+
+@dataclass(eq=False, frozen=True)
 class Routing:
     """A sparse token-to-expert assignment in COO form.
 
@@ -45,6 +79,12 @@ class Routing:
     Construction checks shapes, dtypes and devices (cheap, no host sync). The value
     invariants (ids in range, no duplicate pair, finite non-negative weights) are
     checked by :meth:`validate`.
+
+    A Routing is immutable (a frozen dataclass): assigning to a field raises
+    ``dataclasses.FrozenInstanceError``, and ``aux`` is a read-only copy of the mapping
+    given (never shared with the caller or with another Routing). Derive new Routings
+    with the constructor, :meth:`select`, :meth:`with_weight` or
+    ``dataclasses.replace(routing, field=...)``, which re-runs every check.
     """
 
     token: Tensor
@@ -53,13 +93,13 @@ class Routing:
     num_tokens: int
     num_experts: int
     probs: Tensor | None = None
-    aux: dict[str, Tensor] = field(default_factory=dict)
+    aux: Mapping[str, Tensor] = field(default_factory=dict)
     dropped: Routing | None = None
     capacity: int | None = None
 
     def __post_init__(self) -> None:
-        _require_int("num_tokens", self.num_tokens, 0)
-        _require_int("num_experts", self.num_experts, 1)
+        object.__setattr__(self, "num_tokens", require_int("num_tokens", self.num_tokens, 0))
+        object.__setattr__(self, "num_experts", require_int("num_experts", self.num_experts, 1))
         for name in ("token", "expert", "weight"):
             value = getattr(self, name)
             if not isinstance(value, Tensor):
@@ -91,11 +131,18 @@ class Routing:
                     f"probs must have shape [T, E] = [{self.num_tokens}, {self.num_experts}], "
                     f"got {tuple(self.probs.shape)}"
                 )
-        if not isinstance(self.aux, dict):
+        if not isinstance(self.aux, Mapping):
             raise TypeError(f"aux must be a dict[str, Tensor], got {type(self.aux).__name__}")
         for key, value in self.aux.items():
+            if not isinstance(key, str):
+                raise TypeError(f"aux keys must be str, got {key!r}")
             if not isinstance(value, Tensor) or value.numel() != 1:
                 raise ValueError(f"aux[{key!r}] must be a scalar tensor, got {value!r}")
+        object.__setattr__(self, "aux", FrozenAux(self.aux))  # a copy: never shared
+        if self.dropped is not None and not isinstance(self.dropped, Routing):
+            raise TypeError(f"dropped must be a Routing or None, got {type(self.dropped).__name__}")
+        if self.capacity is not None:
+            object.__setattr__(self, "capacity", require_int("capacity", self.capacity, 0))
         if self.dropped is not None and (
             self.dropped.num_tokens != self.num_tokens
             or self.dropped.num_experts != self.num_experts
@@ -111,7 +158,7 @@ class Routing:
         num_experts: int,
         *,
         probs: Tensor | None = None,
-        aux: dict[str, Tensor] | None = None,
+        aux: Mapping[str, Tensor] | None = None,
     ) -> Routing:
         """Build from top-k tensors: ``indices`` int ``[T, k]``, ``weights`` float ``[T, k]``.
 
@@ -140,7 +187,7 @@ class Routing:
         combine: Tensor,
         *,
         probs: Tensor | None = None,
-        aux: dict[str, Tensor] | None = None,
+        aux: Mapping[str, Tensor] | None = None,
         keep_zeros: bool = False,
     ) -> Routing:
         """Build from a dense combine matrix ``combine [T, E]``.
@@ -191,20 +238,46 @@ class Routing:
         """int64 ``[T]``: the number of experts each token was sent to."""
         return torch.bincount(self.token, minlength=self.num_tokens)
 
+    def check_ids(self) -> Routing:
+        """Raise a ValueError when a token or expert id is out of range (one host sync);
+        a no-op with ``routelab.validation(False)``. Returns ``self``.
+
+        Executors and :meth:`to_dense` call it, so a bad id is a clear error instead of
+        an entry landing on the next token's row, an IndexError or a bincount error."""
+        if not validation_enabled() or not self.num_entries:
+            return self
+        bounds = torch.stack(
+            [self.token.min(), self.token.max(), self.expert.min(), self.expert.max()]
+        ).tolist()
+        t_min, t_max, e_min, e_max = bounds
+        if t_min < 0 or t_max >= self.num_tokens:
+            raise ValueError(
+                f"token ids out of range [0, {self.num_tokens}): min {t_min}, max {t_max}"
+            )
+        if e_min < 0 or e_max >= self.num_experts:
+            raise ValueError(
+                f"expert ids out of range [0, {self.num_experts}): min {e_min}, max {e_max}"
+            )
+        return self
+
     def to_dense(self) -> Tensor:
-        """The combine matrix ``[T, E]`` (differentiable in ``weight``)."""
+        """The combine matrix ``[T, E]`` (differentiable in ``weight``); out-of-range ids
+        raise (see :meth:`check_ids`)."""
+        self.check_ids()
         flat = self.token * self.num_experts + self.expert
         dense = self.weight.new_zeros(self.num_tokens * self.num_experts)
         dense = dense.index_add(0, flat, self.weight)
         return dense.view(self.num_tokens, self.num_experts)
 
-    def select(self, keep: Tensor) -> Routing:
-        """A Routing with the entries where the bool ``keep [N]`` holds (or at int indices)."""
+    def select(self, keep: Tensor, **changes: Any) -> Routing:
+        """A new Routing with the entries where the bool ``keep [N]`` holds (or at int
+        indices); ``changes`` replace further fields (e.g. ``dropped=``, ``capacity=``)."""
         return replace(
             self,
             token=self.token[keep],
             expert=self.expert[keep],
             weight=self.weight[keep],
+            **changes,
         )
 
     def with_weight(self, weight: Tensor) -> Routing:
@@ -304,6 +377,8 @@ class Routing:
 
     def _check_capacity(self, capacity: int | Tensor) -> None:
         load = self.load()
+        if isinstance(capacity, int) and not isinstance(capacity, bool):
+            capacity = min(capacity, INT64_MAX)  # any larger capacity holds trivially
         cap = torch.as_tensor(capacity, device=load.device)
         over = load > cap
         if bool(over.any()):
@@ -353,6 +428,16 @@ def even_quota(num_tokens: int, num_experts: int) -> list[int]:
     return [base + (1 if e < extra else 0) for e in range(num_experts)]
 
 
-def capacity_from_factor(factor: float, num_entries: int, num_experts: int) -> int:
-    """``ceil(factor * N / E)``, the Switch/GShard capacity for N = T*k entries."""
-    return math.ceil(factor * num_entries / num_experts)
+def capacity_from_factor(factor: object, num_entries: int, num_experts: int) -> int:
+    """``ceil(factor * N / E)``, the Switch/GShard capacity for N = T*k entries, computed
+    exactly on the decimal the user wrote: ``factor`` is read as
+    ``fractions.Fraction(str(factor))``, so ``capacity_from_factor(1.1, 100, 10)`` is 11
+    (the float product ``1.1 * 100 / 10`` is 11.000000000000002, whose ceiling is 12).
+
+    ``factor``: a finite number > 0 (float, int, Fraction or Decimal); ``num_entries``
+    N >= 0; ``num_experts`` E >= 1.
+    """
+    fraction = exact_fraction("capacity_factor", factor)
+    num_entries = require_int("num_entries", num_entries, 0)
+    num_experts = require_int("num_experts", num_experts, 1)
+    return ceil_fraction(fraction * num_entries / num_experts)

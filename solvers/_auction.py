@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from solvers._duals import dual_value, objective_value
+from solvers._duals import certified_gap
 
 __all__ = ["auction", "greedy", "keep_best"]
 
@@ -188,7 +188,7 @@ def auction(
                 load = ops.bincount(owner, E)
                 weakest = ops.full(E, ops.inf)
                 ops.scatter_min_(weakest, owner, held)
-            gap = dual_value(ops, S, cap, p) - objective_value(ops, S, owner)
+            gap = certified_gap(ops, S, cap, owner, p)
             if gap <= tol or last:
                 return owner, p, rounds, phases
             if graph_prices:
@@ -197,7 +197,7 @@ def auction(
                 p_graph = ops.from_numpy(
                     prices_from_assignment(S_host, cap_host, ops.to_numpy(owner)), p
                 )
-                if dual_value(ops, S, cap, p_graph) - objective_value(ops, S, owner) <= tol:
+                if certified_gap(ops, S, cap, owner, p_graph) <= tol:
                     return owner, p_graph, rounds, phases
         eps = max(eps / factor, eps_final)
         # free the tokens that are no longer eps-optimal (they bid again)
@@ -238,6 +238,9 @@ def greedy(ops: Any, S: Any, cap: Any) -> tuple[Any, int]:
     computed here in at most E vectorised rounds: every free token proposes to its best
     expert among those it has not proposed to yet and that could still take it (room left,
     or a weakest holder not above it), every expert keeps its best ``c_e`` proposers.
+
+    Forbidden pairs (``-inf``) are never proposed; a token whose every remaining option is
+    forbidden is stuck and left free (``-1``) for the caller to place (augmenting paths).
     """
     T, E = S.shape
     owner = ops.full_int(T, -1)
@@ -245,25 +248,32 @@ def greedy(ops: Any, S: Any, cap: Any) -> tuple[Any, int]:
     load = ops.full_int(E, 0)
     weakest = ops.full(E, ops.inf)
     tried = ops.zeros_bool(T, E)
+    stuck = ops.zeros_bool(T)
     rounds = 0
     while True:
-        free = ops.nonzero(owner < 0)
+        free = ops.nonzero((owner < 0) & ~stuck)
         if free.shape[0] == 0:
             return owner, rounds
         rounds += 1
         v = S[free]
         closed = tried[free] | ((load >= cap) & (v < weakest))
-        exp = ops.argmax_rows(ops.where(closed, -ops.inf, v))
+        masked = ops.where(closed, -ops.inf, v)
+        exp = ops.argmax_rows(masked)
+        blocked = masked[ops.arange(free.shape[0]), exp] == -ops.inf
+        if ops.any(blocked):
+            stuck[free[blocked]] = True
+            free, exp = free[~blocked], exp[~blocked]
+            if free.shape[0] == 0:
+                continue
         tried[free, exp] = True
         _propose(ops, owner, held, load, weakest, cap, free, exp, S[free, exp], by_token=True)
 
 
 def duals_for(ops: Any, S: Any, cap: Any, owner: Any, candidates: list[Any]) -> tuple[Any, float]:
     """The candidate prices with the lowest dual bound; returns ``(prices, gap_bound)``."""
-    obj = objective_value(ops, S, owner)
     best_p, best_gap = None, float("inf")
     for p in candidates:
-        gap = dual_value(ops, S, cap, p) - obj
+        gap = certified_gap(ops, S, cap, owner, p)
         if gap < best_gap:
             best_p, best_gap = p, gap
     return best_p, max(best_gap, 0.0)

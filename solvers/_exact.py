@@ -26,7 +26,7 @@ import numpy as np
 
 from solvers._ops import row_max
 
-__all__ = ["count_violators", "finish", "unassign_violators", "violators"]
+__all__ = ["finish", "violators"]
 
 
 def violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float = 0.0) -> np.ndarray:
@@ -34,18 +34,6 @@ def violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float = 0.
     v = S - p
     mine = v[np.arange(S.shape[0]), np.maximum(owner, 0)]
     return (owner >= 0) & (mine < row_max(v) - delta)
-
-
-def count_violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float = 0.0) -> int:
-    """How many assigned tokens are not delta-CS for prices p."""
-    return int(violators(S, p, owner, delta).sum())
-
-
-def unassign_violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float) -> int:
-    """Free every assigned token that is not delta-CS for prices p; returns how many."""
-    bad = violators(S, p, owner, delta)
-    owner[bad] = -1
-    return int(bad.sum())
 
 
 class _Exchange:
@@ -96,6 +84,9 @@ def _disjoint_paths(
     paths: list[list[int]] = []
     used: set[int] = set()
     sources: set[int] = set()
+    if not targets.size or not np.isfinite(dist[targets[0]]):
+        # Only forbidden pairs lead on: callers check feasibility first (solvers._feasibility).
+        raise ValueError("infeasible: no augmenting path reaches an expert with room left")
     for target in targets.tolist():
         if paths and (first_only or not np.isfinite(dist[target])):
             break

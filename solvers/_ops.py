@@ -66,6 +66,19 @@ class NumpyOps:
     def row_max(self, v: Any) -> Any:
         return row_max(v)
 
+    def row_min(self, v: Any) -> Any:
+        return v[np.arange(v.shape[0]), v.argmin(axis=1)]
+
+    def isneginf(self, x: Any) -> Any:
+        return np.isneginf(x)
+
+    def abs(self, x: Any) -> Any:
+        return np.abs(x)
+
+    def is_integral(self, x: Any) -> bool:
+        """Whether every finite entry is an integer (``-inf`` counts as one)."""
+        return bool(np.array_equal(x, np.rint(x)))
+
     def argmax_rows(self, v: Any) -> Any:
         return v.argmax(axis=1)
 
@@ -93,7 +106,7 @@ class NumpyOps:
     def where(self, cond: Any, a: Any, b: Any) -> Any:
         return np.where(cond, a, b)
 
-    def clip_min(self, x: Any, lo: int) -> Any:
+    def clip_min(self, x: Any, lo: float) -> Any:
         return np.maximum(x, lo)
 
     # sorting ----------------------------------------------------------------------
@@ -175,6 +188,18 @@ class TorchOps:
     def row_max(self, v: Any) -> Any:
         return v.max(dim=1).values
 
+    def row_min(self, v: Any) -> Any:
+        return v.min(dim=1).values
+
+    def isneginf(self, x: Any) -> Any:
+        return self.torch.isneginf(x)
+
+    def abs(self, x: Any) -> Any:
+        return x.abs()
+
+    def is_integral(self, x: Any) -> bool:
+        return bool(self.torch.equal(x, self.torch.round(x)))
+
     def argmax_rows(self, v: Any) -> Any:
         return v.argmax(dim=1)
 
@@ -202,7 +227,7 @@ class TorchOps:
     def where(self, cond: Any, a: Any, b: Any) -> Any:
         return self.torch.where(cond, a, b)
 
-    def clip_min(self, x: Any, lo: int) -> Any:
+    def clip_min(self, x: Any, lo: float) -> Any:
         return x.clamp_min(lo)
 
     def order_by(self, group: Any, key: Any, tie: Any = None) -> Any:

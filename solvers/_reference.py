@@ -2,7 +2,11 @@
 
 They are slow and exist for checking the fast methods and for users who want an
 independent solver. Each returns an optimal assignment; prices come from its exchange
-graph (:func:`solvers._duals.prices_from_assignment`).
+graph (:func:`solvers._duals.prices_from_assignment`). Forbidden pairs (``-inf``) are
+missing edges (hungarian: infinite cost; lp: variables fixed at 0; mincostflow: no arc).
+They get the row-shifted scores (row maximum 0), which removes per-token offsets; their
+own numerics still limit them: ``lp`` to what its LP solver takes (HiGHS treats costs
+above 1e20 as infinite), ``mincostflow`` to ``2**-bits`` of the finite score spread.
 """
 
 from __future__ import annotations
@@ -46,9 +50,12 @@ def linear_program(S: np.ndarray, cap: np.ndarray, *, solver: str | None = None)
     if T == 0:
         return np.zeros(0, dtype=np.int64)
     X = cp.Variable((T, E), nonneg=True)
+    forbidden = np.isneginf(S)
+    constraints = [cp.sum(X, axis=1) == 1, cp.sum(X, axis=0) <= cap]
+    if forbidden.any():
+        constraints.append(cp.multiply(forbidden.astype(np.float64), X) == 0)
     problem = cp.Problem(
-        cp.Maximize(cp.sum(cp.multiply(S, X))),
-        [cp.sum(X, axis=1) == 1, cp.sum(X, axis=0) <= cap],
+        cp.Maximize(cp.sum(cp.multiply(np.where(forbidden, 0.0, S), X))), constraints
     )
     if solver is None:
         problem.solve(solver=cp.SCIPY, scipy_options={"method": "highs-ds"})
@@ -67,14 +74,16 @@ def min_cost_flow(S: np.ndarray, cap: np.ndarray, *, bits: int = 40) -> np.ndarr
     T, E = S.shape
     if T == 0:
         return np.zeros(0, dtype=np.int64)
-    spread = float(S.max() - S.min())
+    finite = S[np.isfinite(S)]
+    spread = float(finite.max() - finite.min())
     shift = 0 if spread == 0 else bits - int(np.ceil(np.log2(spread)))
-    cost = np.rint(np.ldexp(S.max() - S, shift)).astype(object)
+    with np.errstate(invalid="ignore"):
+        cost = np.rint(np.ldexp(finite.max() - S, shift))
     G = nx.DiGraph()
     G.add_node("sink", demand=T)
     for t in range(T):
         G.add_node(("t", t), demand=-1)
-        for e in range(E):
+        for e in np.flatnonzero(np.isfinite(cost[t])).tolist():
             G.add_edge(("t", t), ("e", e), weight=int(cost[t, e]), capacity=1)
     for e in range(E):
         G.add_edge(("e", e), "sink", weight=0, capacity=int(cap[e]))

@@ -2,19 +2,29 @@
 
 Problem: scores ``S [T, E]``, capacities ``c [E]`` (``sum(c) >= T``)::
 
-    maximise   sum_t S[t, a_t]   over   a in {0..E-1}^T   with   #{t : a_t = e} <= c_e.
+    maximise   sum_t S[t, a_t]   over   a in {0..E-1}^T   with   #{t : a_t = e} <= c_e
+               and S[t, a_t] > -inf    (a score of -inf is a forbidden pair)
 
 Every method returns an :class:`AssignmentResult` whose ``gap_bound`` is certified by LP
 duality: with expert prices ``p`` (``p >= 0`` when ``sum(c) > T``),
 ``D(p) = sum_t max_e (S[t, e] - p_e) + sum_e c_e p_e >= OPT``, so
 ``gap_bound = D(p) - objective >= OPT - objective``.
 
-numpy in, numpy out; torch in, torch out on the same device. Deterministic: the same input
-gives the same output, ties included (every tie is broken by the lower token / expert id).
+Any finite scores are solved right (one ``-1e300`` among O(1) scores included): the
+methods run on row-shifted, outlier-clipped working forms of the scores and the exact
+ones repair the clipped part exactly (:mod:`solvers._prepare`). A problem in which some
+tokens cannot be placed (their allowed experts lack capacity) is a ValueError naming them
+(:mod:`solvers._feasibility`).
+
+Every method is one row of :data:`METHODS` (its solver and its options with defaults and
+checks). numpy in, numpy out; torch in, torch out on the same device. Deterministic: the
+same input gives the same output, ties included (every tie is broken by the lower token /
+expert id).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,24 +32,14 @@ import numpy as np
 
 from solvers import _reference
 from solvers._auction import auction, duals_for, greedy
-from solvers._duals import dual_value, objective_value, prices_from_assignment
+from solvers._duals import certified_gap, objective_value, prices_from_assignment
 from solvers._exact import finish, violators
+from solvers._feasibility import check_feasible
 from solvers._ops import NumpyOps, ops_for
-from solvers._validate import check_capacity, check_scores, is_torch
+from solvers._prepare import Working, prepare
+from solvers._validate import check_capacity, check_scores, is_torch, require_float, require_int
 
-__all__ = ["METHODS", "AssignmentResult", "balanced_assignment"]
-
-METHODS = ("auction", "exact", "sinkhorn", "greedy", "hungarian", "lp", "mincostflow")
-
-_OPTIONS: dict[str, dict[str, Any]] = {
-    "auction": {"tol": 1e-6, "eps_start": 1 / 32, "factor": 8.0, "switch": 32},
-    "exact": {"tol": 1e-6, "eps_start": 1 / 128, "factor": 8.0, "switch": 64},
-    "sinkhorn": {"temperature": 1e-2, "max_iter": 200, "tol": 1e-4},
-    "greedy": {},
-    "hungarian": {"max_entries": 50_000_000},
-    "lp": {"solver": None},
-    "mincostflow": {"bits": 40},
-}
+__all__ = ["METHODS", "AssignmentResult", "Method", "balanced_assignment"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,6 +73,68 @@ class AssignmentResult:
         )
 
 
+# ---------------------------------------------------------------------------- options
+def _positive(name: str, value: Any) -> float:
+    return require_float(name, value, above=0.0)
+
+
+def _above_one(name: str, value: Any) -> float:
+    return require_float(name, value, above=1.0)
+
+
+def _count(name: str, value: Any) -> int:
+    return require_int(name, value, 0)
+
+
+def _at_least_one(name: str, value: Any) -> int:
+    return require_int(name, value, 1)
+
+
+def _temperature(name: str, value: Any) -> float:
+    # Below 1e-12 (of the score spread) the entropic plan is a hard assignment in float64
+    # and exp underflows: method="exact" is the tool then.
+    return require_float(name, value, minimum=1e-12)
+
+
+def _bits(name: str, value: Any) -> int:
+    return require_int(name, value, 1, 60)
+
+
+def _solver_name(name: str, value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be None or a cvxpy solver name, got {value!r}")
+    return value
+
+
+Option = tuple[Any, Callable[[str, Any], Any]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of :func:`balanced_assignment`: ``solve(ops, work, cap, cap_x, **options)
+    -> (assignment, prices, iterations)`` on the working forms (:mod:`solvers._prepare`),
+    prices in the units of ``work.scaled``; ``options`` maps each option name to its
+    default and its check."""
+
+    solve: Callable[..., tuple[Any, Any, int]]
+    options: Mapping[str, Option]
+    summary: str
+
+    def resolve(self, name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults overridden by ``given``, each value checked; unknown names: TypeError."""
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {unknown} for method={name!r}; "
+                f"accepted: {sorted(self.options) or 'none'}"
+            )
+        return {
+            key: check(key, given[key]) if key in given else default
+            for key, (default, check) in self.options.items()
+        }
+
+
+# ---------------------------------------------------------------------------- public API
 def balanced_assignment(
     scores: Any, capacity: Any = None, method: str = "exact", **options: Any
 ) -> AssignmentResult:
@@ -80,82 +142,63 @@ def balanced_assignment(
     maximising the total score.
 
     Args:
-        scores: ``[T, E]`` numpy array or torch tensor (float of any precision, or integer);
-            finite. Computations run in float64.
+        scores: ``[T, E]`` numpy array or torch tensor (float of any precision, or integer).
+            Any finite value; ``-inf`` marks a forbidden pair (e.g. device-limited routing,
+            masked experts); NaN and ``+inf`` are refused. Computations run in float64.
         capacity: None for an even split (``T // E`` each, the first ``T % E`` experts one
             more), an int for every expert, or an int vector ``[E]``; ``sum >= T``.
-        method: ``"exact"`` (default; optimal: auction prices, then shortest augmenting
-            paths on the E-node exchange graph), ``"auction"`` (epsilon-scaled auction,
-            eps-optimal; runs in torch on the input's device or in numpy),
-            ``"sinkhorn"`` (log-domain entropic OT, rounded to the capacities by greedy),
-            ``"greedy"`` (capacity-aware greedy by descending score), or a reference
-            back-end: ``"hungarian"`` (scipy on repeated columns), ``"lp"`` (cvxpy),
-            ``"mincostflow"`` (networkx).
+        method: a key of :data:`METHODS`: ``"exact"`` (default; optimal: auction prices,
+            then shortest augmenting paths on the E-node exchange graph), ``"auction"``
+            (epsilon-scaled auction, within ``tol``; runs in torch on the input's device or
+            in numpy), ``"sinkhorn"`` (log-domain entropic OT, rounded to the capacities
+            by greedy), ``"greedy"`` (capacity-aware greedy by descending score), or a
+            reference back-end: ``"hungarian"`` (scipy on repeated columns), ``"lp"``
+            (cvxpy), ``"mincostflow"`` (networkx).
         options: per method.
-            auction: ``tol`` (stop once ``gap_bound <= tol * sum_t max_e |S_te|``, 1e-6),
-            ``eps_start`` (first epsilon, relative to the score spread ``max(S) - min(S)``,
-            1/32), ``factor`` (epsilon divisor per phase, 8), ``switch`` (free tokens at
-            which a phase's tail is handed to augmenting paths, 32).
+            auction: ``tol`` (stop once ``gap_bound <= tol * M``, 1e-6, where
+            ``M = sum_t max_e |S_te|`` over each row's scores clamped to the outlier window
+            of :mod:`solvers._prepare`: ordinary scores are never clamped; a -1e300 outlier
+            does not make the tolerance meaningless), ``eps_start`` (first epsilon,
+            relative to the score spread, 1/32), ``factor`` (epsilon divisor per phase, 8),
+            ``switch`` (free tokens at which a phase's tail is handed to augmenting paths,
+            32).
             exact: the same for its auction phase, except ``tol`` (its last epsilon relative
             to the score spread, 1e-6; it only trades auction time against augmenting
             paths, the result is optimal either way), ``eps_start`` 1/128, ``switch`` 64.
-            sinkhorn: ``temperature`` (relative to the score spread, 1e-2), ``max_iter``
-            (200), ``tol`` (column-marginal error per token, 1e-4).
+            sinkhorn: ``temperature`` (relative to the score spread, >= 1e-12, 1e-2),
+            ``max_iter`` (200), ``tol`` (column-marginal error per token, 1e-4).
             hungarian: ``max_entries`` (5e7). lp: ``solver`` (cvxpy solver name).
-            mincostflow: ``bits`` (integer cost resolution, 40).
+            mincostflow: ``bits`` (integer cost resolution, 1..60, 40).
 
     Returns:
         :class:`AssignmentResult`.
 
     Raises:
         TypeError: scores / capacity of the wrong type or dtype, unknown options.
-        ValueError: wrong shapes, NaN / inf scores, negative or insufficient capacity,
-            unknown method, a hungarian matrix above ``max_entries``.
+        ValueError: wrong shapes, NaN / +inf scores, negative or insufficient capacity,
+            an infeasible problem (the message names the tokens that cannot be placed),
+            unknown method, option values out of range, a hungarian matrix above
+            ``max_entries``.
     """
     if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    unknown = sorted(set(options) - set(_OPTIONS[method]))
-    if unknown:
-        raise TypeError(
-            f"unknown option(s) {unknown} for method={method!r}; "
-            f"accepted: {sorted(_OPTIONS[method]) or 'none'}"
-        )
-    opts = {**_OPTIONS[method], **options}
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    entry = METHODS[method]
+    opts = entry.resolve(method, options)
     S = check_scores(scores)
     T, E = S.shape
     cap = check_capacity(capacity, T, E)
     ops = ops_for(S)
     cap_x = ops.as_int(cap)
-
+    if T and ops.any(ops.isneginf(S)):
+        check_feasible(~np.isneginf(ops.to_numpy(S)), cap)
     if T == 0 or E == 1:
-        owner = ops.full_int(T, 0)
-        prices = ops.full(E, 0.0)
-        return _result(ops, S, cap_x, owner, prices, 0, method)
+        return _result(ops, S, cap_x, ops.full_int(T, 0), ops.full(E, 0.0), 0, method)
     if not (cap > 0).all():
         return _without_closed_experts(ops, S, cap, cap_x, method, options)
-
-    if method in ("auction", "exact"):
-        owner, prices, iterations = _auction_family(
-            ops, S, cap, cap_x, exact=method == "exact", **opts
-        )
-    elif method == "sinkhorn":
-        owner, prices, iterations = _sinkhorn(ops, S, cap_x, **opts)
-    elif method == "greedy":
-        owner, iterations = greedy(ops, S, cap_x)
-        S_host = ops.to_numpy(S)
-        p_graph = ops.as_float(prices_from_assignment(S_host, cap, ops.to_numpy(owner)))
-        prices, _ = duals_for(ops, S, cap_x, owner, [ops.full(E, 0.0), p_graph])
-    else:
-        S_host = ops.to_numpy(S)
-        if method == "hungarian":
-            a = _reference.hungarian(S_host, cap, max_entries=opts["max_entries"])
-        elif method == "lp":
-            a = _reference.linear_program(S_host, cap, solver=opts["solver"])
-        else:
-            a = _reference.min_cost_flow(S_host, cap, bits=opts["bits"])
-        owner = ops.from_numpy(a, S)
-        prices = ops.from_numpy(prices_from_assignment(S_host, cap, a), S)
-        iterations = 1
+    work = prepare(ops, S)
+    owner, prices, iterations = entry.solve(ops, work, cap, cap_x, **opts)
+    if work.exponent:
+        prices = prices * work.to_score_units(1.0)
     return _result(ops, S, cap_x, owner, prices, iterations, method)
 
 
@@ -176,143 +219,257 @@ def _without_closed_experts(ops, S, cap, cap_x, method, options) -> AssignmentRe
     prices[open_experts] = ops.to_numpy(sub.prices)
     best_open = (S_host[:, open_experts] - prices[open_experts]).max(axis=1)
     closed = np.flatnonzero(cap == 0)
-    prices[closed] = np.maximum((S_host[:, closed] - best_open[:, None]).max(axis=0), 0.0)
+    with np.errstate(invalid="ignore"):  # -inf - -inf cannot occur: best_open is finite
+        lift = (S_host[:, closed] - best_open[:, None]).max(axis=0)
+    prices[closed] = np.maximum(lift, 0.0)
     return _result(
-        ops,
-        S,
-        cap_x,
-        ops.from_numpy(owner, S),
-        ops.from_numpy(prices, S),
-        sub.iterations,
-        method,
+        ops, S, cap_x, ops.from_numpy(owner, S), ops.from_numpy(prices, S), sub.iterations, method
     )
 
 
 def _result(ops, S, cap_x, owner, prices, iterations, method) -> AssignmentResult:
-    objective = objective_value(ops, S, owner)
-    gap = dual_value(ops, S, cap_x, prices) - objective
     return AssignmentResult(
         assignment=owner,
-        objective=objective,
+        objective=objective_value(ops, S, owner),
         prices=prices,
-        gap_bound=max(gap, 0.0),
+        gap_bound=max(certified_gap(ops, S, cap_x, owner, prices), 0.0),
         iterations=int(iterations),
         method=method,
     )
 
 
-def _scales(S_host: np.ndarray) -> tuple[float, float]:
-    """``(spread, magnitude)``: ``max(S) - min(S)`` and ``sum_t max_e |S_te|``."""
-    return float(S_host.max() - S_host.min()), float(np.abs(S_host).max(axis=1).sum())
+# ---------------------------------------------------------------------------- methods
+def _repair_exactly(W: np.ndarray, cap: np.ndarray, p: np.ndarray, owner: np.ndarray):
+    """Make ``owner`` optimal for ``W`` (host arrays): free the tokens that are not
+    complementary-slack for ``p`` and insert them by shortest augmenting paths."""
+    owner = owner.copy()
+    owner[violators(W, p, owner)] = -1
+    return finish(W, cap, p, owner, 0.0)
 
 
-def _auction_family(ops, S, cap, cap_x, *, exact, tol, eps_start, factor, switch):
-    """``auction`` (eps-optimal, on the input's back-end) or ``exact`` (on the host: auction
-    phases, then augmenting paths from exactly complementary-slack prices)."""
-    for name, value, lo in (("tol", tol, 0.0), ("eps_start", eps_start, 0.0)):
-        if not isinstance(value, (int, float)) or not value > lo:
-            raise ValueError(f"{name} must be a number > {lo}, got {value!r}")
-    if isinstance(switch, bool) or not isinstance(switch, int) or switch < 0:
-        raise ValueError(f"switch must be an int >= 0, got {switch!r}")
-    if not isinstance(factor, (int, float)) or not factor > 1:
-        raise ValueError(f"factor must be a number > 1, got {factor!r}")
-    S_host = ops.to_numpy(S)
-    T, E = S_host.shape
-    spread, magnitude = _scales(S_host)
-    if spread == 0.0:  # every score equal: any feasible assignment is optimal
+def _place_left_over(W: np.ndarray, cap: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, int]:
+    """Place the free tokens (``-1``) of a heuristic assignment by augmenting paths (only
+    needed with forbidden pairs, where greedy can get stuck); the others keep their expert
+    unless a path moves them."""
+    if not (owner < 0).any():
+        return owner, 0
+    placed, _, paths = finish(W, cap, np.zeros(W.shape[1]), owner.copy(), np.inf)
+    return placed, paths
+
+
+def _solve_exact(ops, work: Working, cap, cap_x, *, tol, eps_start, factor, switch):
+    """On the host: auction phases on the clipped scores, augmenting paths from exactly
+    complementary-slack prices, then the exact repair of whatever clipping changed."""
+    C = ops.to_numpy(work.clipped)
+    T, E = C.shape
+    if work.spread == 0.0:  # every score equal: any feasible assignment is optimal
         owner = np.repeat(np.arange(E), cap)[:T]
-        return ops.from_numpy(owner, S), ops.full(E, 0.0), 0
+        return ops.from_numpy(owner, work.scaled), ops.full(E, 0.0), 0
+    first = C.argmax(axis=1)  # the same as the argmax of the unclipped scores
+    if (np.bincount(first, minlength=E) <= cap).all():  # the unconstrained optimum fits
+        return ops.from_numpy(first, work.scaled), ops.full(E, 0.0), 0
+    spread = work.spread
+    p_start = _start_prices(C, cap)
+    settings = dict(factor=factor, switch=switch, S_host=C, cap_host=cap)
     host = NumpyOps()
-    if exact:
-        first = S_host.argmax(axis=1)
-        if (np.bincount(first, minlength=E) <= cap).all():  # the unconstrained optimum fits
-            return ops.from_numpy(first, S), ops.full(E, 0.0), 0
-    # Start from the column means as prices: removes a per-expert offset (a popular expert)
-    # at once. Computed on the host so that every back-end starts from the same numbers.
-    p_start = np.zeros(E)
-    if int(cap.sum()) == T:
-        p_start = S_host.mean(axis=0)
-        p_start -= p_start.min()
     # Integer scores tie everywhere: the auction's assignment is often optimal long before
     # its prices are, and the exchange-graph prices of an optimal assignment certify it.
-    integral = bool(np.array_equal(S_host, np.rint(S_host)))
-    settings = dict(factor=factor, switch=switch, S_host=S_host, cap_host=cap)
-    if exact:
-        finals = [tol * spread]
-        if integral:  # try to certify early, at a coarse epsilon
-            finals[:0] = [x * spread for x in (1e-1, 1e-2) if x > tol]
-        p, owner, rounds, eps = p_start, None, 0, eps_start * spread
-        for i, eps_final in enumerate(finals):
-            owner, p, r, _ = auction(
-                host,
-                S_host,
-                cap,
-                eps_start=eps,
-                eps_final=eps_final,
-                complete=False,
-                p_start=p,
-                owner_start=owner,
-                **settings,
-            )
-            rounds += r
-            bad = violators(S_host, p, owner)
-            if bad.sum() <= 4 * switch:
-                break
-            # Many tokens off by less than eps: complete the assignment and try the prices
-            # of its exchange graph, exact if it is optimal already.
-            trial, p_done, aug = finish(S_host, cap, p, owner.copy(), eps_final)
-            rounds += aug
-            p_graph = prices_from_assignment(S_host, cap, trial)
-            bad = violators(S_host, p_graph, trial)
-            if bad.sum() <= 4 * switch or i == len(finals) - 1:
-                owner, p = trial, p_graph
-                bad_done = violators(S_host, p_done, trial)
-                if bad_done.sum() < bad.sum():
-                    p, bad = p_done, bad_done
-                break
-            eps = eps_final / factor
-        owner[bad] = -1
-        owner, p, aug = finish(S_host, cap, p, owner, 0.0)
-        return ops.from_numpy(owner, S), ops.from_numpy(p, S), rounds + aug
-    eps_final = tol * magnitude / T
+    finals = [tol * spread]
+    if work.integral:  # try to certify early, at a coarse epsilon
+        finals[:0] = [x * spread for x in (1e-1, 1e-2) if x > tol]
+    p, owner, rounds, eps = p_start, None, 0, eps_start * spread
+    for i, eps_final in enumerate(finals):
+        owner, p, r, _ = auction(
+            host,
+            C,
+            cap,
+            eps_start=eps,
+            eps_final=eps_final,
+            complete=False,
+            p_start=p,
+            owner_start=owner,
+            **settings,
+        )
+        rounds += r
+        bad = violators(C, p, owner)
+        if bad.sum() <= 4 * switch:
+            break
+        # Many tokens off by less than eps: complete the assignment and try the prices
+        # of its exchange graph, exact if it is optimal already.
+        trial, p_done, aug = finish(C, cap, p, owner.copy(), eps_final)
+        rounds += aug
+        p_graph = prices_from_assignment(C, cap, trial)
+        bad = violators(C, p_graph, trial)
+        if bad.sum() <= 4 * switch or i == len(finals) - 1:
+            owner, p = trial, p_graph
+            bad_done = violators(C, p_done, trial)
+            if bad_done.sum() < bad.sum():
+                p, bad = p_done, bad_done
+            break
+        eps = eps_final / factor
+    owner[bad] = -1
+    owner, p, aug = finish(C, cap, p, owner, 0.0)
+    rounds += aug
+    if work.clipped_any:
+        owner, p, aug = _repair_exactly(ops.to_numpy(work.shifted), cap, p, owner)
+        rounds += aug
+    return ops.from_numpy(owner, work.scaled), ops.from_numpy(p, work.scaled), rounds
+
+
+def _start_prices(C: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """The column means as first prices when every expert must be full: removes a
+    per-expert offset (a popular expert) at once. On the host, so that every back-end starts
+    from the same numbers."""
+    if int(cap.sum()) != C.shape[0]:
+        return np.zeros(C.shape[1])
+    p = C.mean(axis=0)
+    return p - p.min()
+
+
+def _solve_auction(ops, work: Working, cap, cap_x, *, tol, eps_start, factor, switch):
+    """The eps-scaled auction on the clipped scores, on the input's back-end; clipped
+    entries in use are re-placed (augmenting paths), exactly if the tolerance needs it."""
+    C = work.clipped
+    C_host = ops.to_numpy(C)
+    T, E = C_host.shape
+    if work.spread == 0.0:
+        owner = np.repeat(np.arange(E), cap)[:T]
+        return ops.from_numpy(owner, work.scaled), ops.full(E, 0.0), 0
+    target = tol * work.magnitude
+    eps_final = target / T
     eps_check = eps_final * factor**2
-    if integral:
-        eps_check = max(eps_check, 1e-1 * spread)
+    if work.integral:
+        eps_check = max(eps_check, 1e-1 * work.spread)
     owner, p, rounds, _ = auction(
         ops,
-        S,
+        C,
         cap_x,
-        eps_start=eps_start * spread,
+        eps_start=eps_start * work.spread,
         eps_final=eps_final,
-        tol=tol * magnitude,
+        tol=target,
         eps_check=eps_check,
-        p_start=ops.as_float(p_start),
-        graph_prices=integral,
-        **settings,
+        p_start=ops.as_float(_start_prices(C_host, cap)),
+        graph_prices=work.integral,
+        factor=factor,
+        switch=switch,
+        S_host=C_host,
+        cap_host=cap,
     )
-    return owner, p, rounds
+    if not work.clipped_any:
+        return owner, p, rounds
+    W = ops.to_numpy(work.shifted)
+    own, p_host = ops.to_numpy(owner).copy(), ops.to_numpy(p).copy()
+    rows = np.arange(T)
+    v = W - p_host
+    slack = v.max(axis=1) - v[rows, own]
+    own[W[rows, own] < C_host[rows, own]] = -1  # the tokens sitting on clipped entries
+    delta = float(slack[own >= 0].max(initial=0.0))
+    own, p_host, aug = finish(W, cap, p_host, own, delta)
+    rounds += aug
+    if certified_gap(NumpyOps(), W, cap, own, p_host) > target:
+        own, p_host, aug = _repair_exactly(W, cap, p_host, own)
+        rounds += aug
+    return ops.from_numpy(own, work.scaled), ops.from_numpy(p_host, work.scaled), rounds
 
 
-def _sinkhorn(ops, S, cap_x, *, temperature, max_iter, tol):
+def _greedy_with_certificate(ops, work: Working, cap, cap_x, W_rounding):
+    """Capacity-aware greedy on ``W_rounding`` (stuck tokens placed by augmenting paths),
+    with the better of zero prices and its exchange-graph prices as certificate."""
+    owner, rounds = greedy(ops, W_rounding, cap_x)
+    W = ops.to_numpy(work.shifted)
+    if work.forbidden:
+        own, paths = _place_left_over(W, cap, ops.to_numpy(owner).copy())
+        owner, rounds = ops.from_numpy(own, work.scaled), rounds + paths
+    return owner, rounds, W
+
+
+def _solve_greedy(ops, work: Working, cap, cap_x):
+    owner, rounds, W = _greedy_with_certificate(ops, work, cap, cap_x, work.scaled)
+    p_graph = ops.from_numpy(prices_from_assignment(W, cap, ops.to_numpy(owner)), work.scaled)
+    E = W.shape[1]
+    prices, _ = duals_for(ops, work.shifted, cap_x, owner, [ops.full(E, 0.0), p_graph])
+    return owner, prices, rounds
+
+
+def _solve_sinkhorn(ops, work: Working, cap, cap_x, *, temperature, max_iter, tol):
     from solvers._sinkhorn import sinkhorn_potentials, sinkhorn_potentials_numpy
 
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
-    E = S.shape[1]
-    on_host = not is_torch(S) or S.device.type == "cpu"
-    S_work = ops.to_numpy(S) if on_host else S
-    cap_work = ops.to_numpy(cap_x) if on_host else cap_x
-    spread = float(S_work.max() - S_work.min()) or 1.0
+    C = work.clipped
+    E = C.shape[1]
+    on_host = not is_torch(C) or C.device.type == "cpu"
+    C_work = ops.to_numpy(C) if on_host else C
+    cap_work = cap if on_host else cap_x
+    spread = work.spread or 1.0
     # CPU inputs (numpy or torch) run the numpy twin: the same numbers on both paths.
     solve = sinkhorn_potentials_numpy if on_host else sinkhorn_potentials
-    g, iterations = solve(S_work, cap_work, tau=temperature * spread, max_iter=max_iter, tol=tol)
+    g, iterations = solve(C_work, cap_work, tau=temperature * spread, max_iter=max_iter, tol=tol)
     p = -g
-    usable = cap_work > 0
-    p = p - p[usable].min()
-    p[~usable] = spread + 1.0  # an expert without capacity is never worth its price
-    p_x = ops.from_numpy(p, S) if on_host else p
-    owner, _ = greedy(ops, S - p_x, cap_x)
-    prices, _ = duals_for(ops, S, cap_x, owner, [p_x, ops.full(E, 0.0)])
+    p = p - p.min()
+    p_x = ops.from_numpy(p, work.scaled) if on_host else p
+    owner, _, _ = _greedy_with_certificate(ops, work, cap, cap_x, work.shifted - p_x)
+    prices, _ = duals_for(ops, work.shifted, cap_x, owner, [p_x, ops.full(E, 0.0)])
     return owner, prices, iterations
+
+
+def _reference_solver(solve: Callable[..., np.ndarray]) -> Callable[..., tuple[Any, Any, int]]:
+    """A reference back-end (host, on the row-shifted scores) as a :class:`Method` solver."""
+
+    def run(ops, work: Working, cap, cap_x, **options):
+        W = ops.to_numpy(work.shifted)
+        a = solve(W, cap, **options)
+        prices = prices_from_assignment(W, cap, a)
+        return ops.from_numpy(a, work.scaled), ops.from_numpy(prices, work.scaled), 1
+
+    return run
+
+
+_AUCTION_FAMILY = {"factor": (8.0, _above_one)}
+
+METHODS: dict[str, Method] = {
+    "exact": Method(
+        _solve_exact,
+        {
+            "tol": (1e-6, _positive),
+            "eps_start": (1 / 128, _positive),
+            **_AUCTION_FAMILY,
+            "switch": (64, _count),
+        },
+        "optimal: auction prices, then shortest augmenting paths (host)",
+    ),
+    "auction": Method(
+        _solve_auction,
+        {
+            "tol": (1e-6, _positive),
+            "eps_start": (1 / 32, _positive),
+            **_AUCTION_FAMILY,
+            "switch": (32, _count),
+        },
+        "epsilon-scaled auction within tol (numpy or torch on the input's device)",
+    ),
+    "sinkhorn": Method(
+        _solve_sinkhorn,
+        {
+            "temperature": (1e-2, _temperature),
+            "max_iter": (200, _at_least_one),
+            "tol": (1e-4, _positive),
+        },
+        "log-domain entropic OT, rounded by greedy",
+    ),
+    "greedy": Method(_solve_greedy, {}, "capacity-aware greedy by descending score"),
+    "hungarian": Method(
+        _reference_solver(_reference.hungarian),
+        {"max_entries": (50_000_000, _at_least_one)},
+        "reference: scipy linear_sum_assignment on repeated columns",
+    ),
+    "lp": Method(
+        _reference_solver(_reference.linear_program),
+        {"solver": (None, _solver_name)},
+        "reference: the transportation LP in cvxpy",
+    ),
+    "mincostflow": Method(
+        _reference_solver(_reference.min_cost_flow),
+        {"bits": (40, _bits)},
+        "reference: networkx network simplex on integer costs",
+    ),
+}
+"""Every method of :func:`balanced_assignment`, by name: adding one is adding a row."""

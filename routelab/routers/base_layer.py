@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from routelab.router import Router, upcast_half
+from routelab.router import Router, router_logits
 from routelab.routing import Routing
 from solvers import balanced_assignment
 
@@ -59,7 +59,7 @@ class BASERouter(Router):
 
     def expert_scores(self, x: Tensor) -> Tensor:
         """``s = h w^T``: ``x [T, d] -> [T, E]`` (at least fp32)."""
-        return upcast_half(x @ self.expert_embeddings.t())
+        return router_logits(x, self.expert_embeddings.t())
 
     def assign(self, scores: Tensor) -> Tensor:
         """int64 ``[T]``: balanced assignment in training, greedy argmax in evaluation."""

@@ -7,8 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from routelab._validate import require_bool, require_float
 from routelab.losses import check_loss_weight
-from routelab.router import Router, check_k, upcast_half
+from routelab.router import MIN_TEMPERATURE, Router, check_k, router_logits, upcast_half
 from routelab.routing import Routing
 
 __all__ = ["DSelectKGate", "selector_weights", "smooth_step"]
@@ -92,7 +93,8 @@ class DSelectKGate(Router):
         d_model: d.
         num_experts: E.
         k: number of selectors, ``1 <= k <= E``.
-        gamma: the smooth step's width, > 0.
+        gamma: the smooth step's width, >= 1e-6 (``routelab.router.MIN_TEMPERATURE``;
+            ``gamma^3`` must not underflow).
         entropy_weight: lambda >= 0.
         per_example: the per-example (True) or static (False) variant.
     """
@@ -109,14 +111,9 @@ class DSelectKGate(Router):
     ) -> None:
         super().__init__(d_model, num_experts)
         self.k = check_k(k, num_experts)
-        gamma = check_loss_weight("gamma", gamma)
-        if gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {gamma!r}")
-        self.gamma = gamma
+        self.gamma = require_float("gamma", gamma, minimum=MIN_TEMPERATURE)
         self.entropy_weight = check_loss_weight("entropy_weight", entropy_weight)
-        if not isinstance(per_example, bool):
-            raise TypeError(f"per_example must be a bool, got {per_example!r}")
-        self.per_example = per_example
+        self.per_example = require_bool("per_example", per_example)
         self.num_bits = max(1, math.ceil(math.log2(num_experts)))
         self.differentiable = num_experts > 1
         bound = gamma / 100
@@ -135,8 +132,9 @@ class DSelectKGate(Router):
         """``(G, r)``: the expert weights ``[T, E]`` and the selectors ``[T, k, E]``
         (``[1, k, E]`` in the static variant)."""
         if self.per_example:
-            z = upcast_half(self.z_proj(x)).view(-1, self.k, self.num_bits)  # [T, k, m]
-            alpha = upcast_half(self.alpha_proj(x))  # [T, k]
+            z = router_logits(x, self.z_proj.weight.t(), self.z_proj.bias)
+            z = z.view(-1, self.k, self.num_bits)  # [T, k, m]
+            alpha = router_logits(x, self.alpha_proj.weight.t(), self.alpha_proj.bias)  # [T, k]
         else:
             z = upcast_half(self.z)[None]  # [1, k, m]
             alpha = upcast_half(self.alpha)[None]  # [1, k]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from routelab.router import Router, upcast_half
-from routelab.routing import Routing
+from routelab._validate import exact_fraction, require_bool, require_int
+from routelab.router import Router, router_logits
+from routelab.routing import Routing, capacity_from_factor
 
 __all__ = ["ExpertChoiceRouter"]
 
@@ -46,25 +45,20 @@ class ExpertChoiceRouter(Router):
         bias: bool = True,
     ) -> None:
         super().__init__(d_model, num_experts)
-        if (
-            isinstance(capacity_factor, bool)
-            or not isinstance(capacity_factor, (int, float))
-            or not math.isfinite(capacity_factor)
-            or capacity_factor <= 0
-        ):
-            raise ValueError(
-                f"capacity_factor must be a finite number > 0, got {capacity_factor!r}"
-            )
-        self.capacity_factor = float(capacity_factor)
-        self.proj = nn.Linear(d_model, num_experts, bias=bias)
+        self._factor = exact_fraction("capacity_factor", capacity_factor)
+        self.capacity_factor = float(capacity_factor)  # type: ignore[arg-type]
+        self.proj = nn.Linear(d_model, num_experts, bias=require_bool("bias", bias))
 
     def capacity_for(self, num_tokens: int) -> int:
-        """``c = min(T, ceil(capacity_factor * T / E))``."""
-        return min(num_tokens, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
+        """``c = min(T, ceil(capacity_factor * T / E))``, computed exactly on the decimal
+        written (``capacity_factor=1.1`` is 11/10; see
+        :func:`routelab.routing.capacity_from_factor`)."""
+        num_tokens = require_int("num_tokens", num_tokens, 0)
+        return min(num_tokens, capacity_from_factor(self._factor, num_tokens, self.num_experts))
 
     def route(self, x: Tensor, token_ids: Tensor | None) -> Routing:
         num_tokens = x.shape[0]
-        probs = torch.softmax(upcast_half(self.proj(x)), dim=-1)  # [T, E]
+        probs = torch.softmax(router_logits(x, self.proj.weight.t(), self.proj.bias), dim=-1)
         c = self.capacity_for(num_tokens)
         top = torch.topk(probs.t(), c, dim=-1)  # values, indices [E, c]
         expert = torch.arange(self.num_experts, device=x.device).repeat_interleave(c)
@@ -75,8 +69,8 @@ class ExpertChoiceRouter(Router):
             num_tokens=num_tokens,
             num_experts=self.num_experts,
             probs=probs,
+            capacity=c,
         )
-        routing.capacity = c
         return routing
 
     def extra_repr(self) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routelab.losses import check_loss_weight, cv_squared, expert_sum
-from routelab.router import Router, check_k, upcast_half
+from routelab.router import Router, check_k, router_logits
 from routelab.routers.topk import topk_softmax_routing
 from routelab.routing import Routing
 
@@ -76,12 +78,12 @@ class NoisyTopKGate(Router):
 
     def clean_logits(self, x: Tensor) -> Tensor:
         """``x W_g`` ``[T, E]`` in at least fp32."""
-        return upcast_half(x @ self.w_gate)
+        return router_logits(x, self.w_gate)
 
     def clean_logits_and_noise_std(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(x W_g, sigma(x))``, both ``[T, E]``, from one matmul with ``[W_g, W_noise]``;
         ``sigma(x) = softplus(x W_noise) + noise_epsilon``."""
-        both = upcast_half(x @ torch.cat([self.w_gate, self.w_noise], dim=1))  # [T, 2E]
+        both = router_logits(x, torch.cat([self.w_gate, self.w_noise], dim=1))  # [T, 2E]
         clean, raw_std = both.split(self.num_experts, dim=1)
         return clean, F.softplus(raw_std) + self.noise_epsilon
 
@@ -93,7 +95,7 @@ class NoisyTopKGate(Router):
         else:
             clean = logits = self.clean_logits(x)
         routing = topk_softmax_routing(logits, self.k)
-        aux: dict[str, Tensor] = {}
+        aux: dict[str, Tensor] = dict(routing.aux)
         E = self.num_experts
         if self.importance_weight > 0:
             importance = expert_sum(routing.expert, routing.weight, E)
@@ -104,8 +106,7 @@ class NoisyTopKGate(Router):
             else:
                 load = routing.load().to(clean.dtype)
             aux["load"] = self.load_weight * cv_squared(load)
-        routing.aux = aux
-        return routing
+        return dataclasses.replace(routing, aux=aux)
 
     def extra_repr(self) -> str:
         return (

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from routelab.router import Router, upcast_half
+from routelab._validate import require_bool, require_float
+from routelab.router import MIN_TEMPERATURE, Router, router_logits
 from routelab.routing import Routing
 
 __all__ = ["SoftmaxGate"]
@@ -29,7 +28,9 @@ class SoftmaxGate(Router):
     Args:
         d_model: d.
         num_experts: E.
-        temperature: > 0; below 1 sharpens, above 1 flattens the distribution.
+        temperature: in ``[1e-6, 1e6]``; below 1 sharpens, above 1 flattens the
+            distribution (below 1e-6 the softmax is an argmax at fp32 resolution and
+            the logits may overflow, so such values are refused).
         bias: whether the gate has a bias b.
     """
 
@@ -37,19 +38,15 @@ class SoftmaxGate(Router):
         self, d_model: int, num_experts: int, *, temperature: float = 1.0, bias: bool = True
     ) -> None:
         super().__init__(d_model, num_experts)
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = require_float(
+            "temperature", temperature, minimum=MIN_TEMPERATURE, maximum=1 / MIN_TEMPERATURE
+        )
+        bias = require_bool("bias", bias)
         self.differentiable = num_experts > 1  # one expert: the weight is constantly 1
         self.proj = nn.Linear(d_model, num_experts, bias=bias)
 
     def route(self, x: Tensor, token_ids: Tensor | None) -> Routing:
-        logits = upcast_half(self.proj(x)) / self.temperature  # [T, E]
+        logits = router_logits(x, self.proj.weight.t(), self.proj.bias) / self.temperature
         probs = torch.softmax(logits, dim=-1)
         return Routing.from_dense(probs, probs=probs, keep_zeros=True)
 

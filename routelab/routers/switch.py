@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from routelab._validate import require_bool
 from routelab.losses import check_loss_weight, router_z_loss, switch_balance_loss
-from routelab.router import Router, upcast_half
+from routelab.router import Router, router_logits, upcast_half
 from routelab.routing import Routing
 
 __all__ = ["SwitchGate"]
@@ -68,16 +68,14 @@ class SwitchGate(Router):
             raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
         self.jitter = jitter
         self.stochastic_in_training = jitter > 0
-        self.proj = nn.Linear(d_model, num_experts, bias=bias)
+        self.proj = nn.Linear(d_model, num_experts, bias=require_bool("bias", bias))
 
     def logits(self, x: Tensor) -> Tensor:
         """The router logits ``[T, E]`` in at least fp32 (jittered in training)."""
         x = upcast_half(x)
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        weight = upcast_half(self.proj.weight).to(x.dtype)
-        bias = None if self.proj.bias is None else upcast_half(self.proj.bias).to(x.dtype)
-        return F.linear(x, weight, bias)
+        return router_logits(x, self.proj.weight.t(), self.proj.bias)
 
     def route(self, x: Tensor, token_ids: Tensor | None) -> Routing:
         logits = self.logits(x)  # [T, E]

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from routelab.deep_moe import DeepMoE, build_deep_moe
+from routelab.balancing import update_balancing
 from routelab.policies import PausingPolicy
 from routelab.routers import TopKGate
 from routelab.routers.hash import HashRouter

@@ -219,8 +219,8 @@ def test_large_problem_exact_has_zero_gap():
 @pytest.mark.parametrize(
     ("scores", "capacity", "error", "match"),
     [
-        (np.array([[np.nan, 1.0]]), None, ValueError, "NaN or inf"),
-        (np.array([[np.inf, 1.0]]), None, ValueError, "NaN or inf"),
+        (np.array([[np.nan, 1.0]]), None, ValueError, "found NaN"),
+        (np.array([[np.inf, 1.0]]), None, ValueError, r"found \+inf"),
         (np.zeros(4), None, ValueError, "2-D"),
         (np.zeros((3, 0)), None, ValueError, "at least one expert"),
         (np.zeros((3, 2), dtype=bool), None, TypeError, "dtype"),

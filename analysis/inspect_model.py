@@ -1,0 +1,527 @@
+"""``routelab inspect-model``: assignment balance of a Hugging Face MoE checkpoint on a text.
+
+:func:`inspect_model` loads a local ``save_pretrained`` directory (model and the
+tokenizer saved beside it; nothing is downloaded), runs it over a text and answers,
+per MoE layer and for the whole model:
+
+1. **how balanced is the routing**: ``analysis.LoadStats`` of every layer's routing
+   (through a :class:`~analysis.RoutingRecorder` fed by ``routelab.hf.RoutingCapture``)
+   and the co-activation of consecutive layers;
+2. **what would a different router or capacity have done**: the counterfactual tables of
+   :mod:`analysis.counterfactual` (capacity drops per factor and drop order, exact
+   balanced assignment, loss-free bias), and router swaps (``routelab.hf.swap_router``)
+   with the change in next-token loss;
+3. **what do the experts specialise in**: ``I(expert; domain)`` per layer against the
+   shuffled-label baseline, where the domain of a token is its document's label (the
+   first path component of the file under ``--text DIR``: a package of the standard
+   library) or labels the caller supplies per token.
+
+It writes ``report.md``, ``metrics.json`` and PNG plots (per-layer load heatmap, drop
+curve against the capacity factor, expert x domain heatmaps, co-activation).
+
+Text: ``--text FILE`` is one document; ``--text DIR`` every UTF-8 text file under DIR
+(sorted), labelled by its first path component. Each document is tokenised and cut into
+windows of ``seq_len`` tokens (the last one shorter); windows are taken from the labels
+in turn until ``max_tokens`` are read, so every domain is represented.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from analysis import plots
+from analysis.counterfactual import capacity_drops, layer_counterfactuals, model_table
+from analysis.metrics import concat_routings
+from analysis.recorder import RoutingRecorder
+from analysis.specialisation import coactivation, shuffled_baseline, specialisation
+
+__all__ = [
+    "CURVE_FACTORS",
+    "InspectSettings",
+    "TextWindows",
+    "default_swaps",
+    "inspect_model",
+    "read_text",
+    "write_report",
+]
+
+CURVE_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+
+
+@dataclass
+class InspectSettings:
+    """Sizes of one inspection."""
+
+    seq_len: int = 128
+    max_tokens: int = 4096
+    capacity_factors: tuple[float, ...] = (1.0, 1.25, 2.0)
+    curve_factors: tuple[float, ...] = CURVE_FACTORS
+    swaps: bool = True
+    bias_steps: int = 300
+    seed: int = 0
+
+
+@dataclass
+class TextWindows:
+    """Token windows with a label per token.
+
+    Fields: ``windows`` int64 ``[S_i]`` each; ``labels`` int64 ``[S_i]`` each (the label
+    of every token); ``label_names`` the name of each label id.
+    """
+
+    windows: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    label_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(w.numel()) for w in self.windows)
+
+
+def _documents(path: Path) -> list[tuple[str, Path]]:
+    if path.is_file():
+        return [(path.name, path)]
+    if not path.is_dir():
+        raise FileNotFoundError(f"--text {path} is neither a file nor a directory")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            rel = full.relative_to(path)
+            found.append((rel.parts[0], full))
+    found.sort(key=lambda item: item[1].relative_to(path).as_posix())
+    if not found:
+        raise ValueError(f"--text {path} holds no files")
+    return found
+
+
+def _read(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+    return text if "\x00" not in text else None
+
+
+def read_text(
+    path: str | os.PathLike[str], tokenizer: Any, *, seq_len: int = 128, max_tokens: int = 4096
+) -> TextWindows:
+    """Tokenise ``path`` (a file, or a directory of documents) into labelled windows
+    (module docstring)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+    by_label: dict[str, list[Path]] = {}
+    for label, file in _documents(Path(path)):
+        by_label.setdefault(label, []).append(file)
+    names = sorted(by_label)
+
+    def windows_of(files: list[Path]) -> Iterator[torch.Tensor]:
+        for file in files:
+            text = _read(file)
+            if not text:
+                continue
+            ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+            for start in range(0, ids.numel(), seq_len):
+                window = ids[start : start + seq_len]
+                if window.numel() >= 2:
+                    yield window
+
+    streams = {name: windows_of(by_label[name]) for name in names}
+    out = TextWindows([], [], [])
+    label_id: dict[str, int] = {}
+    total = 0
+    while streams and total < max_tokens:
+        for name in list(streams):
+            window = next(streams[name], None)
+            if window is None:
+                del streams[name]
+                continue
+            window = window[: max_tokens - total]
+            if window.numel() < 2:
+                continue
+            if name not in label_id:
+                label_id[name] = len(label_id)
+                out.label_names.append(name)
+            out.windows.append(window)
+            out.labels.append(torch.full_like(window, label_id[name]))
+            total += int(window.numel())
+            if total >= max_tokens:
+                break
+    if not out.windows:
+        raise ValueError(f"--text {path}: no readable text with at least 2 tokens")
+    return out
+
+
+def default_swaps(k: int, num_experts: int, token_ids: torch.Tensor, vocab_size: int):
+    """``[(name, replacement)]``: capacity 1.0 (first drop order), exact balanced
+    assignment with the model's k, a different k, and a balanced hash table fitted on the
+    text's token counts."""
+    from routelab.hf import Balanced, Hash, TopK
+    from routelab.policies import CapacityPolicy
+    from routelab.routers import HashRouter
+
+    swaps: list[tuple[str, Any]] = [
+        (f"capacity-1.0-{CapacityPolicy.DROP_ORDERS[0]}", CapacityPolicy(1.0)),
+        (f"balanced-k{k}", Balanced(k)),
+        (f"top{k + 1 if k == 1 else k - 1}", TopK(k + 1 if k == 1 else k - 1)),
+    ]
+    table = HashRouter.fit(
+        "balanced",
+        num_experts,
+        d_model=1,
+        token_ids=token_ids.remainder(vocab_size),
+        vocab_size=vocab_size,
+    )
+    swaps.append(("hash-balanced", Hash(table)))
+    return swaps
+
+
+def _load(model: nn.Module | str | os.PathLike[str], tokenizer: Any) -> tuple[nn.Module, Any]:
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise ValueError("give the tokenizer with a model object (or pass a checkpoint path)")
+        return model, tokenizer
+    from routelab.hf.tiny import load_pretrained
+
+    loaded, saved_tokenizer = load_pretrained(model)
+    return loaded, saved_tokenizer if tokenizer is None else tokenizer
+
+
+def inspect_model(
+    model: nn.Module | str | os.PathLike[str],
+    text: str | os.PathLike[str] | TextWindows,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    tokenizer: Any = None,
+    settings: InspectSettings | None = None,
+) -> dict[str, Any]:
+    """Inspect ``model`` (a checkpoint directory or a loaded model with its ``tokenizer``)
+    on ``text`` (a file, a directory, or prepared :class:`TextWindows` with per-token
+    labels). Writes the report into ``out`` when given; returns the metrics dict."""
+    from routelab.hf import RoutingCapture, next_token_loss, require_transformers, swap_router
+
+    settings = settings or InspectSettings()
+    started = time.perf_counter()
+    model, tokenizer = _load(model, tokenizer)
+    model.eval()
+    data = (
+        text
+        if isinstance(text, TextWindows)
+        else read_text(text, tokenizer, seq_len=settings.seq_len, max_tokens=settings.max_tokens)
+    )
+    names: list[str] = []
+    num_labels = max(1, len(data.label_names) or int(max(int(lab.max()) for lab in data.labels)) + 1)
+
+    capture = RoutingCapture(model)
+    names = capture.names
+    recorder = RoutingRecorder(
+        model, num_labels=num_labels, layers=list(zip(names, capture.num_experts))
+    )
+    capture.on_routing = lambda record: recorder.record(record.layer, record.routing)
+    labels_per_layer: list[list[torch.Tensor]] = [[] for _ in names]
+    forward_started = time.perf_counter()
+    try:
+        with torch.no_grad():
+            loss = _loss_with_labels(model, data, recorder, capture, labels_per_layer)
+    finally:
+        capture.remove()
+        recorder.remove()
+    forward_seconds = time.perf_counter() - forward_started
+
+    layers: list[dict[str, Any]] = []
+    per_layer_cf = []
+    tables = {}
+    for i, name in enumerate(names):
+        records = capture.layers[i]
+        cf = layer_counterfactuals(
+            records, factors=settings.capacity_factors, bias_steps=settings.bias_steps
+        )
+        per_layer_cf.append(cf)
+        routing = concat_routings([r.routing for r in records])
+        labels = torch.cat(labels_per_layer[i])
+        spec_i = specialisation(recorder.table(i))
+        tables[name] = spec_i.table
+        layers.append(
+            {
+                "name": name,
+                "num_experts": routing.num_experts,
+                "k": records[0].k,
+                "tokens": routing.num_tokens,
+                "spec_agreement": min(r.spec_agreement for r in records),
+                "load_stats": recorder.stats(i).to_dict(),
+                "load": routing.load().tolist(),
+                "capacity": [row.to_dict() for row in cf["capacity"]],
+                "balanced": cf["balanced"].to_dict(),
+                "specialisation": {
+                    **spec_i.to_dict(),
+                    "shuffled_mutual_information": shuffled_baseline(
+                        routing, labels, num_labels, seed=settings.seed
+                    ),
+                    "expert_label_table": spec_i.table.tolist(),
+                },
+                "drop_curve": [
+                    row.to_dict()
+                    for row in capacity_drops(records, settings.curve_factors)
+                ],
+            }
+        )
+    coact = {}
+    for i in range(len(names) - 1):
+        a = concat_routings([r.routing for r in capture.layers[i]])
+        b = concat_routings([r.routing for r in capture.layers[i + 1]])
+        if a.num_tokens == b.num_tokens:
+            coact[f"{names[i]} -> {names[i + 1]}"] = coactivation(a, b).tolist()
+
+    swaps: list[dict[str, Any]] = []
+    if settings.swaps:
+        stream = torch.cat(data.windows)
+        vocab = int(getattr(model.config, "vocab_size", int(stream.max()) + 1))
+        first = capture.layers[0][0]
+        targets: list[Any] = [*range(len(names)), "all"]
+        for swap_name, replacement in default_swaps(
+            first.k, first.chosen.num_experts, stream, vocab
+        ):
+            for target in targets:
+                row: dict[str, Any] = {
+                    "replacement": swap_name,
+                    "layer": target if target == "all" else names[target],
+                }
+                try:
+                    with swap_router(model, target, replacement) as used:
+                        swapped = next_token_loss(model, data.windows)
+                except ValueError as error:
+                    row.update(loss=None, delta=None, error=str(error))
+                else:
+                    row.update(loss=swapped, delta=swapped - loss, calls=len(used))
+                swaps.append(row)
+
+    transformers = require_transformers()
+    total_seconds = time.perf_counter() - started
+    metrics = {
+        "model": {
+            "class": type(model).__name__,
+            "model_type": model.config.model_type,
+            "router_class": capture.spec.router_class,
+            "semantics": capture.spec.notes,
+            "transformers": transformers.__version__,
+            "path": None if isinstance(model, str) else getattr(model, "name_or_path", None),
+        },
+        "tokens": data.num_tokens,
+        "windows": len(data.windows),
+        "label_names": data.label_names,
+        "loss": loss,
+        "layers": layers,
+        "model_table": model_table(per_layer_cf),
+        "drop_curve": _model_curve(layers),
+        "coactivation": coact,
+        "swaps": swaps,
+        "timing": {
+            "forward_seconds_per_1000_tokens": 1000 * forward_seconds / max(data.num_tokens, 1),
+            "total_seconds_per_1000_tokens": 1000 * total_seconds / max(data.num_tokens, 1),
+            "total_seconds": total_seconds,
+        },
+    }
+    if out is not None:
+        write_report(metrics, out, tables)
+    return metrics
+
+
+def _loss_with_labels(
+    model: nn.Module,
+    data: TextWindows,
+    recorder: RoutingRecorder,
+    capture: Any,
+    labels_per_layer: list[list[torch.Tensor]],
+) -> float:
+    """The baseline next-token loss, one forward per window with its labels set."""
+    from routelab.hf import next_token_loss
+
+    total, count = 0.0, 0
+    for ids, labels in zip(data.windows, data.labels):
+        recorder.set_labels(labels)
+        before = [len(calls) for calls in capture.layers]
+        per_window = next_token_loss(model, [ids])
+        predicted = ids.numel() if model.config.is_encoder_decoder else ids.numel() - 1
+        total += per_window * predicted
+        count += predicted
+        for i, calls in enumerate(capture.layers):
+            labels_per_layer[i].extend(labels for _ in range(len(calls) - before[i]))
+    recorder.set_labels(None)
+    return total / count
+
+
+def _model_curve(layers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    sums: dict[tuple[float, str], list[int]] = {}
+    for layer in layers:
+        for row in layer["drop_curve"]:
+            acc = sums.setdefault((row["capacity_factor"], row["drop_order"]), [0, 0, 0, 0])
+            for i, key in enumerate(("entries", "dropped", "tokens", "unrouted")):
+                acc[i] += row[key]
+    return [
+        {
+            "capacity_factor": factor,
+            "drop_order": order,
+            "dropped_percent": 100.0 * d / e if e else 0.0,
+            "unrouted_percent": 100.0 * u / t if t else 0.0,
+        }
+        for (factor, order), (e, d, t, u) in sums.items()
+    ]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def write_report(metrics: dict[str, Any], out: str | os.PathLike[str], tables: dict) -> Path:
+    """Write ``report.md``, ``metrics.json`` and the plots into ``out``; returns it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    layers = metrics["layers"]
+    names = [layer["name"] for layer in layers]
+    width = max(layer["num_experts"] for layer in layers)
+    relative = torch.full((len(layers), width), float("nan"))
+    for i, layer in enumerate(layers):
+        load = torch.tensor(layer["load"], dtype=torch.float64)
+        relative[i, : load.numel()] = load / load.mean().clamp_min(1e-12)
+    plots.plot_heatmap(
+        relative.nan_to_num(0.0),
+        out / "load_heatmap.png",
+        title="Load per expert / mean, per layer",
+        xlabel="expert",
+        ylabel="layer",
+        normalise=None,
+    )
+    curve = metrics["drop_curve"]
+    factors = sorted({row["capacity_factor"] for row in curve})
+    orders = sorted({row["drop_order"] for row in curve})
+    plots.plot_sweep(
+        {"capacity_factor": factors, "drop_order": orders},
+        [{"options": {k: row[k] for k in ("capacity_factor", "drop_order")}, **row} for row in curve],
+        out / "drop_curve.png",
+        quantities={"dropped_percent": "dropped entries %", "unrouted_percent": "tokens unrouted %"},
+        title="Counterfactual capacity: whole model",
+    )
+    if metrics["label_names"]:
+        plots.plot_heatmap_grid(
+            tables, out / "expert_domain.png", title="Expert x domain", xlabel="domain"
+        )
+    for pair, table in list(metrics["coactivation"].items())[:1]:
+        plots.plot_coactivation(table, out / "coactivation.png", title=f"Co-activation {pair}")
+
+    model = metrics["model"]
+    lines = [
+        f"# inspect-model: {model['class']} ({model['model_type']})",
+        "",
+        f"transformers {model['transformers']}; router `{model['router_class']}`: "
+        f"{model['semantics']}.",
+        f"{metrics['tokens']} tokens in {metrics['windows']} windows; next-token loss "
+        f"{metrics['loss']:.4f} nats. Inspect time "
+        f"{metrics['timing']['total_seconds_per_1000_tokens']:.2f} s per 1000 tokens "
+        f"(forward with capture {metrics['timing']['forward_seconds_per_1000_tokens']:.3f} s).",
+        "",
+        "## Balance per layer",
+        "",
+        "| layer | E | k | CV(load) | max/mean | min/mean | unused % | registry agrees % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for layer in layers:
+        s = layer["load_stats"]
+        lines.append(
+            f"| {layer['name']} | {layer['num_experts']} | {layer['k']} | {_num(s['cv_load'])} "
+            f"| {_num(s['max_over_mean'])} | {_num(s['min_over_mean'])} "
+            f"| {_pct(s['unused_fraction'])} | {_pct(layer['spec_agreement'])} |"
+        )
+    lines += ["", "![load](load_heatmap.png)", "", "## Counterfactual capacity (dropped entries %)", ""]
+    combos = [(row["capacity_factor"], row["drop_order"]) for row in layers[0]["capacity"]]
+    lines.append("| layer | " + " | ".join(f"cf {f} {o}" for f, o in combos) + " |")
+    lines.append("|---|" + "---|" * len(combos))
+    for layer in layers:
+        cells = [_pct(row["dropped_fraction"]) for row in layer["capacity"]]
+        lines.append(f"| {layer['name']} | " + " | ".join(cells) + " |")
+    whole = {(r["capacity_factor"], r["drop_order"]): r for r in metrics["model_table"]["capacity"]}
+    lines.append(
+        "| **whole model** | " + " | ".join(_pct(whole[c]["dropped_fraction"]) for c in combos) + " |"
+    )
+    lines += [
+        "",
+        "![drop curve](drop_curve.png)",
+        "",
+        "## Exact balanced assignment (on the model's own scores)",
+        "",
+        "| layer | tokens moved % | entries moved % | score lost % | greedy max/mean "
+        "| balanced max/mean | loss-free bias max/mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for layer in layers:
+        b = layer["balanced"]
+        lines.append(
+            f"| {layer['name']} | {_pct(b['moved_token_fraction'])} "
+            f"| {_pct(b['moved_entry_fraction'])} | {_pct(b['score_lost'])} "
+            f"| {_num(b['greedy_max_over_mean'])} | {_num(b['balanced_max_over_mean'])} "
+            f"| {_num(b['bias']['max_over_mean'])} |"
+        )
+    mb = metrics["model_table"]["balanced"]
+    lines.append(
+        f"| **whole model** | {_pct(mb['moved_token_fraction'])} | "
+        f"{_pct(mb['moved_entry_fraction'])} | {_pct(mb['score_lost'])} | | | |"
+    )
+    if metrics["swaps"]:
+        lines += [
+            "",
+            "## Router swap: change in next-token loss",
+            "",
+            f"Baseline loss {metrics['loss']:.4f}.",
+            "",
+            "| replacement | layer | loss | delta |",
+            "|---|---|---|---|",
+        ]
+        for row in metrics["swaps"]:
+            if row["loss"] is None:
+                lines.append(f"| {row['replacement']} | {row['layer']} | - | {row['error']} |")
+            else:
+                lines.append(
+                    f"| {row['replacement']} | {row['layer']} | {row['loss']:.4f} "
+                    f"| {row['delta']:+.5f} |"
+                )
+    lines += [
+        "",
+        "## Domain specialisation",
+        "",
+        f"Domains: {', '.join(metrics['label_names']) or '(labels given per token)'}.",
+        "",
+        "| layer | I(expert; domain) | shuffled baseline | NMI | mean purity |",
+        "|---|---|---|---|---|",
+    ]
+    for layer in layers:
+        sp = layer["specialisation"]
+        lines.append(
+            f"| {layer['name']} | {_num(sp['mutual_information'], 4)} "
+            f"| {_num(sp['shuffled_mutual_information'], 4)} | {_num(sp['normalised_mi'], 4)} "
+            f"| {_num(sp['mean_purity'])} |"
+        )
+    if metrics["label_names"]:
+        lines += ["", "![expert x domain](expert_domain.png)"]
+    if metrics["coactivation"]:
+        lines += ["", "![co-activation](coactivation.png)"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out

@@ -1,0 +1,129 @@
+"""Zero-computation experts beside FFN experts (MoE++; Jin et al. 2024, ICLR 2025).
+
+:class:`NullExperts` wraps any expert executor (``FFNExperts``, ``ModuleExperts``)
+over ``E_ffn`` experts and adds the three zero-computation experts of MoE++ after them::
+
+    ids [0, E_ffn)                     the wrapped FFN experts
+    next num_zero ids    zero expert:      E(x) = 0          (discard: the token skips)
+    next num_copy ids    copy expert:      E(x) = x          (skip the layer)
+    next num_constant    constant expert:  E(x) = a_1 x + a_2 v,  [a_1, a_2] = softmax(x W_c)
+                                            (replace x by a learned vector v; W_c [d, 2])
+
+``forward(x [T, d], routing)`` over all ``E = E_ffn + num_zero + num_copy +
+num_constant`` experts: the FFN entries are selected first and only they reach the
+wrapped executor (its public ``forward`` on a Routing over ``E_ffn`` experts), so a
+token routed to null experts costs no FFN compute; copy and constant entries are one
+weighted gather/scatter each, zero entries nothing. ``benchmarks/null_experts.py``
+measures it. MoE++ routes with :class:`routelab.routers.MoEPlusPlusGate`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from routelab.experts import Experts
+from routelab.routing import Routing, _require_int
+
+__all__ = ["NULL_KINDS", "NullExperts"]
+
+NULL_KINDS = ("zero", "copy", "constant")
+
+
+class NullExperts(Experts):
+    """An expert executor with zero, copy and constant experts after ``experts``' E_ffn.
+
+    ``y_t = sum over entries n of t: weight_n * E_{expert_n}(x_t)`` with the null experts of
+    the module docstring; gradients reach x, the routing weights, the wrapped experts, the
+    constant vectors ``constant [C, d]`` and their mixing weights ``constant_gate [C, d, 2]``.
+
+    Args:
+        experts: the FFN experts (any executor with ``num_experts`` and ``d_model``).
+        num_zero: zero experts (>= 0).
+        num_copy: copy experts (>= 0).
+        num_constant: constant experts (>= 0; need the model width d).
+        d_model: d (default: ``experts.d_model``; ModuleExperts has none).
+    """
+
+    def __init__(
+        self,
+        experts: Experts,
+        *,
+        num_zero: int = 1,
+        num_copy: int = 1,
+        num_constant: int = 1,
+        d_model: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(experts, nn.Module) or not hasattr(experts, "num_experts"):
+            raise TypeError(f"experts must be an Experts executor, got {type(experts).__name__}")
+        self.experts = experts
+        self.num_ffn = int(experts.num_experts)
+        counts = {
+            "zero": _require_int("num_zero", num_zero, 0),
+            "copy": _require_int("num_copy", num_copy, 0),
+            "constant": _require_int("num_constant", num_constant, 0),
+        }
+        self.null_counts = counts
+        self.num_experts = self.num_ffn + sum(counts.values())
+        self.d_model = getattr(experts, "d_model", None) if d_model is None else d_model
+        if self.d_model is not None:
+            _require_int("d_model", self.d_model, 1)
+        if counts["constant"] and self.d_model is None:
+            raise ValueError("constant experts need d_model (give d_model= for ModuleExperts)")
+        width = self.d_model or 0
+        self.constant = nn.Parameter(torch.randn(counts["constant"], width))
+        self.constant_gate = nn.Parameter(torch.randn(counts["constant"], width, 2) * width**-0.5)
+
+    def kind_range(self, kind: str) -> range:
+        """The expert ids of one null-expert kind (``"zero"``, ``"copy"``, ``"constant"``)."""
+        if kind not in NULL_KINDS:
+            raise ValueError(f"kind must be one of {NULL_KINDS}, got {kind!r}")
+        start = self.num_ffn
+        for name in NULL_KINDS:
+            if name == kind:
+                return range(start, start + self.null_counts[name])
+            start += self.null_counts[name]
+        raise AssertionError("unreachable")
+
+    @property
+    def null_expert_ids(self) -> range:
+        """Every null expert id, ``[E_ffn, E)`` (no FFN compute: ``analysis.load_stats``'s
+        ``null_experts``)."""
+        return range(self.num_ffn, self.num_experts)
+
+    def ffn_routing(self, routing: Routing) -> Routing:
+        """The FFN entries of ``routing`` as a Routing over the E_ffn wrapped experts."""
+        keep = routing.expert < self.num_ffn
+        return Routing(
+            routing.token[keep],
+            routing.expert[keep],
+            routing.weight[keep],
+            routing.num_tokens,
+            self.num_ffn,
+        )
+
+    def forward(self, x: Tensor, routing: Routing) -> Tensor:
+        self.check_call(x, routing)
+        y = self.experts(x, self.ffn_routing(routing))
+        copy_ids, constant_ids = self.kind_range("copy"), self.kind_range("constant")
+        expert = routing.expert
+        if len(copy_ids):
+            hit = (expert >= copy_ids.start) & (expert < copy_ids.stop)
+            token, weight = routing.token[hit], routing.weight[hit]
+            y = y.index_add(0, token, x[token] * weight.to(x.dtype)[:, None])
+        if len(constant_ids):
+            hit = (expert >= constant_ids.start) & (expert < constant_ids.stop)
+            token, weight = routing.token[hit], routing.weight[hit]
+            which = expert[hit] - constant_ids.start  # [n] constant expert index
+            rows = x[token]  # [n, d]
+            mix = torch.softmax(
+                torch.einsum("nd,ndk->nk", rows, self.constant_gate[which].to(x.dtype)), dim=-1
+            )  # [n, 2]
+            out = mix[:, :1] * rows + mix[:, 1:] * self.constant[which].to(x.dtype)
+            y = y.index_add(0, token, out * weight.to(x.dtype)[:, None])
+        return y
+
+    def extra_repr(self) -> str:
+        counts = ", ".join(f"num_{k}={v}" for k, v in self.null_counts.items())
+        return f"num_ffn={self.num_ffn}, {counts}"

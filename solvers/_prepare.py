@@ -1,0 +1,131 @@
+"""Working forms of a score matrix, so that every finite score (and ``-inf``) is solved right.
+
+A balanced assignment does not change when a constant is added to a token's row, nor when
+every score is multiplied by a power of two. The fast methods are scale-driven (auction
+epsilons, Sinkhorn temperature, all relative to a score spread), so one outlier such as
+``-1e300`` among O(1) scores, or a ``-inf`` (forbidden pair), would set every scale and
+the prices would swallow the O(1) differences. So they run on::
+
+    scaled   W = 2**-k * S               (k > 0 only when some |S| > 2**960: sums stay finite)
+    shifted  W' = W - max_e W_te          (row maximum 0; -inf stays -inf)
+    clipped  C = max(W', -window)         (finite, spread <= window)
+
+with ``window = 64 * q`` and q the lower quartile of the positive finite gaps
+``-W'_te`` over up to 256 evenly spaced rows: for ordinary scores (Gaussian, integer,
+low-rank, per-expert skew) no gap comes near the window and ``C == W'``; a gap beyond
+it is an outlier (or a forbidden pair). When clipping changed an entry, the result on C
+is repaired on W' by the exact methods (free the tokens that are not complementary-slack
+for W' and insert them by shortest augmenting paths, :func:`solvers._exact.finish`): the
+window only decides how much of the work the fast phase does, never the answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Working", "prepare"]
+
+_SCALE_LIMIT = 960  # keep |scores| <= 2**960: sums of 2**60 of them still fit in a float64
+_WINDOW_FACTOR = 64.0
+_SAMPLE_ROWS = 256
+
+
+@dataclass(frozen=True)
+class Working:
+    """The working forms of ``S [T, E]`` (module doc), on the scores' back-end.
+
+    Fields:
+        scaled: ``W = 2**-exponent * S`` (the scores themselves when ``exponent == 0``).
+        shifted: ``W'``, row maximum 0, ``-inf`` for forbidden pairs.
+        clipped: ``C = max(W', -window)`` (``shifted`` itself when nothing was clipped).
+        window: the clip distance (> 0; integral when the scores are).
+        clipped_any: whether some entry (an outlier or a forbidden pair) was clipped.
+        forbidden: whether some pair is forbidden (``-inf``).
+        exponent: k; prices and gaps of W are ``2**-k`` times those of S.
+        integral: whether every finite entry of W is an integer (so is C then).
+        spread: ``max(C) - min(C)``.
+        magnitude: ``sum_t max_e |W_te|`` over the row's scores clamped to
+            ``[max_e W_te - window, max_e W_te]`` (the scale of the auction's tolerance).
+    """
+
+    scaled: Any
+    shifted: Any
+    clipped: Any
+    window: float
+    clipped_any: bool
+    forbidden: bool
+    exponent: int
+    integral: bool
+    spread: float
+    magnitude: float
+
+    def to_score_units(self, value: float) -> float:
+        """A price or gap of W in the units of S."""
+        return math.ldexp(value, self.exponent) if self.exponent else value
+
+
+def _window(ops: Any, shifted: Any, row_min: np.ndarray, integral: bool) -> float:
+    """``64 *`` the lower quartile of the positive finite gaps of a row sample (module doc)."""
+    T = shifted.shape[0]
+    rows = np.unique(np.linspace(0, T - 1, min(T, _SAMPLE_ROWS)).astype(np.int64))
+    gaps = -ops.to_numpy(shifted[ops.from_numpy(rows, shifted)]).ravel()
+    gaps = gaps[(gaps > 0) & np.isfinite(gaps)]
+    if gaps.size:
+        quartile = float(np.quantile(gaps, 0.25, method="lower"))
+        window = _WINDOW_FACTOR * quartile
+    else:  # the sampled rows are constant: take the largest finite gap anywhere
+        finite = row_min[np.isfinite(row_min)]
+        window = float(-finite.min()) if finite.size and finite.min() < 0 else 1.0
+    if integral:
+        window = float(math.ceil(window))
+    return window
+
+
+def prepare(ops: Any, S: Any) -> Working:
+    """The working forms of float64 ``S [T, E]`` (T >= 1; every row has a finite score)."""
+    forbidden = ops.any(ops.isneginf(S))
+    exponent = 0
+    W = S
+    row_best = ops.row_max(W)
+    shifted = W - row_best[:, None]
+    row_min = ops.to_numpy(ops.row_min(shifted))
+    best_host = ops.to_numpy(row_best)
+    overflow = not forbidden and not np.isfinite(row_min).all()
+    if overflow or forbidden or float(np.abs(best_host).max()) > 2.0**_SCALE_LIMIT:
+        finite_abs = ops.where(ops.isneginf(S), 0.0, S)
+        largest = float(ops.to_numpy(ops.row_max(ops.abs(finite_abs))).max())
+        if largest > 2.0**_SCALE_LIMIT:
+            exponent = math.frexp(largest)[1] - _SCALE_LIMIT
+            W = S * math.ldexp(1.0, -exponent)
+            row_best = ops.row_max(W)
+            shifted = W - row_best[:, None]
+            best_host = ops.to_numpy(row_best)
+        if forbidden:  # the finite part of each row's range
+            row_min = ops.to_numpy(ops.row_min(ops.where(ops.isneginf(shifted), 0.0, shifted)))
+            row_min = np.minimum(row_min, 0.0)
+        else:
+            row_min = ops.to_numpy(ops.row_min(shifted))
+    integral = ops.is_integral(W)
+    window = _window(ops, shifted, row_min, integral)
+    lowest = float(row_min.min())
+    clipped_any = forbidden or lowest < -window
+    clipped = ops.clip_min(shifted, -window) if clipped_any else shifted
+    spread = window if forbidden else min(window, -lowest)  # forbidden pairs sit at -window
+    low_end = best_host + np.maximum(row_min, -window)
+    magnitude = float(np.maximum(np.abs(best_host), np.abs(low_end)).sum())
+    return Working(
+        scaled=W,
+        shifted=shifted,
+        clipped=clipped,
+        window=window,
+        clipped_any=bool(clipped_any),
+        forbidden=bool(forbidden),
+        exponent=exponent,
+        integral=integral,
+        spread=float(spread),
+        magnitude=magnitude,
+    )
