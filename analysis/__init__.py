@@ -6,10 +6,14 @@
   label), purity, top labels; :func:`coactivation` across stacked layers;
   :func:`routing_stability` between checkpoints.
 - :class:`RoutingRecorder`: streaming statistics of every MoE layer of a model.
+- :func:`representation_collapse` -> :class:`CollapseStats`: effective rank and spread of
+  routed token representations (X-MoE); :func:`soft_moe_stats`: a Soft MoE layer's
+  slot and combine mass, dispatch/combine entropy and specialisation over tokens.
 - :mod:`analysis.plots`: PNG plots; :mod:`analysis.compare`: ``routelab compare`` /
   ``routelab sweep``.
 """
 
+from analysis.collapse import CollapseStats, effective_rank, representation_collapse
 from analysis.metrics import (
     LoadCounter,
     LoadStats,
@@ -21,6 +25,7 @@ from analysis.metrics import (
     normalised_entropy,
 )
 from analysis.recorder import RoutingRecorder
+from analysis.soft_moe import SoftMoEStats, soft_moe_stats
 from analysis.specialisation import (
     Specialisation,
     coactivation,
@@ -33,12 +38,15 @@ from analysis.specialisation import (
 )
 
 __all__ = [
+    "CollapseStats",
     "LoadCounter",
     "LoadStats",
     "RoutingRecorder",
+    "SoftMoEStats",
     "Specialisation",
     "coactivation",
     "coefficient_of_variation",
+    "effective_rank",
     "concat_routings",
     "contingency",
     "frequency_buckets",
@@ -47,7 +55,9 @@ __all__ = [
     "load_stats",
     "mutual_information",
     "normalised_entropy",
+    "representation_collapse",
     "routing_stability",
     "shuffled_baseline",
+    "soft_moe_stats",
     "specialisation",
 ]

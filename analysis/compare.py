@@ -473,6 +473,15 @@ def run_jobs(
         bar.close()
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (the workers)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 # ---------------------------------------------------------------------- run folders
 class RunDirectoryError(ValueError):
     """The output folder holds another run's files (or cannot be written)."""
@@ -677,7 +686,12 @@ def _write_plots(
     )
     files.append(
         plots.plot_cv_panels(
-            {r.router: {"chosen": r.chosen_cv_history, "executed": r.cv_history} for r in results},
+            {
+                r.router: {"chosen": r.chosen_cv_history, "executed": r.cv_history}
+                for r in results
+                if not r.dense
+            }
+            or {r.router: {"executed": r.cv_history} for r in results},
             out / f"{name}_cv_load.png",
             window_start=settings.steps // 2,
             floors={r.router: noise_floor(r, settings.num_experts) for r in results if not r.dense},
@@ -758,9 +772,9 @@ def compare(
             f"{len(jobs)} runs of {settings.steps} steps on {min(workers, len(jobs))} worker(s): "
             f"about {estimate_seconds(jobs, settings, workers):.0f} s on a quiet machine"
         )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     flat = run_jobs(jobs, settings, workers=workers, progress=progress)
-    wall = time.perf_counter() - start
+    wall, cpu_total = time.perf_counter() - start, _cpu_seconds() - cpu_start
     results: dict[str, list[RunResult]] = {name: [] for name in datasets}
     for result in flat:
         results[result.dataset].append(result)
@@ -775,6 +789,7 @@ def compare(
         "workers": min(workers, len(jobs)),
         "wall_seconds": wall,
         "cpu_seconds": sum(r.cpu_seconds for r in flat),
+        "cpu_seconds_with_start_up": cpu_total,
         "rows": {
             row.name: {"configuration": row.configuration(), "description": row.description}
             for row in rows
@@ -891,7 +906,9 @@ def report_markdown(
         f"{s['lr']}, seed {s['seed']}{', quick data' if s['quick'] else ''}), the same "
         f"batches for every row. {sum(len(d['results']) for d in metrics['datasets'].values())} "
         f"runs on {metrics['workers']} worker process(es) took {metrics['wall_seconds']:.0f} s "
-        f"of wall time ({metrics['cpu_seconds']:.0f} s of CPU time in the runs).",
+        f"of wall time: {metrics['cpu_seconds']:.0f} s of CPU time in the runs, "
+        f"{metrics['cpu_seconds_with_start_up']:.0f} s with the workers' start-up and data "
+        "preparation.",
         "",
         "## Rows",
         "",

@@ -52,6 +52,7 @@ __all__ = [
     "fit_balancing_bias",
     "layer_counterfactuals",
     "model_table",
+    "sum_drops",
 ]
 
 CAPACITY_FACTORS = (1.0, 1.25, 2.0)
@@ -59,7 +60,12 @@ CAPACITY_FACTORS = (1.0, 1.25, 2.0)
 
 @dataclass(frozen=True)
 class CapacityDrop:
-    """What ``CapacityPolicy(capacity_factor, drop_order)`` drops of a layer's choice."""
+    """What ``CapacityPolicy(capacity_factor, drop_order)`` drops of a layer's choice.
+
+    The number of dropped entries, ``sum_e max(0, load_e - C)`` per call, is the same for
+    every drop order; which entries go differs: ``dropped_weight`` (their combine
+    weights) and ``unrouted`` (tokens left with no expert) tell the orders apart.
+    """
 
     capacity_factor: float
     drop_order: str
@@ -67,6 +73,8 @@ class CapacityDrop:
     dropped: int
     tokens: int
     unrouted: int
+    weight: float = 0.0
+    dropped_weight: float = 0.0
 
     @property
     def dropped_fraction(self) -> float:
@@ -76,12 +84,31 @@ class CapacityDrop:
     def unrouted_fraction(self) -> float:
         return self.unrouted / self.tokens if self.tokens else 0.0
 
+    @property
+    def dropped_weight_fraction(self) -> float:
+        return self.dropped_weight / self.weight if self.weight else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         return {
             **asdict(self),
             "dropped_fraction": self.dropped_fraction,
             "unrouted_fraction": self.unrouted_fraction,
+            "dropped_weight_fraction": self.dropped_weight_fraction,
         }
+
+    def __add__(self, other: CapacityDrop) -> CapacityDrop:
+        if (self.capacity_factor, self.drop_order) != (other.capacity_factor, other.drop_order):
+            raise ValueError("only rows of the same capacity factor and drop order add up")
+        return CapacityDrop(
+            self.capacity_factor,
+            self.drop_order,
+            self.entries + other.entries,
+            self.dropped + other.dropped,
+            self.tokens + other.tokens,
+            self.unrouted + other.unrouted,
+            self.weight + other.weight,
+            self.dropped_weight + other.dropped_weight,
+        )
 
 
 def _choices(records: Sequence[LayerRouting]) -> list[Routing]:
@@ -102,14 +129,21 @@ def capacity_drops(
     for factor in factors:
         for order in orders:
             policy = CapacityPolicy(float(factor), drop_order=order)
-            entries = dropped = tokens = unrouted = 0
+            total = CapacityDrop(float(factor), order, 0, 0, 0, 0)
             for routing in choices:
                 kept = policy(routing)
-                entries += routing.num_entries
-                dropped += routing.num_entries - kept.num_entries
-                tokens += routing.num_tokens
-                unrouted += int((kept.entries_per_token() == 0).sum())
-            rows.append(CapacityDrop(float(factor), order, entries, dropped, tokens, unrouted))
+                weight = float(routing.weight.double().sum())
+                total = total + CapacityDrop(
+                    float(factor),
+                    order,
+                    routing.num_entries,
+                    routing.num_entries - kept.num_entries,
+                    routing.num_tokens,
+                    int((kept.entries_per_token() == 0).sum()),
+                    weight,
+                    weight - float(kept.weight.double().sum()),
+                )
+            rows.append(total)
     return rows
 
 
@@ -266,18 +300,20 @@ def layer_counterfactuals(
     }
 
 
+def sum_drops(per_layer: Sequence[Sequence[CapacityDrop]]) -> list[CapacityDrop]:
+    """The layers' rows summed per (capacity factor, drop order), in first-seen order."""
+    sums: dict[tuple[float, str], CapacityDrop] = {}
+    for rows in per_layer:
+        for row in rows:
+            key = (row.capacity_factor, row.drop_order)
+            sums[key] = sums[key] + row if key in sums else row
+    return list(sums.values())
+
+
 def model_table(per_layer: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Whole-model rows: capacity drops summed over layers per (factor, order), and the
     balanced counterfactual's moved fractions and score weighted by each layer's size."""
-    drops: dict[tuple[float, str], list[int]] = {}
-    for layer in per_layer:
-        for row in layer["capacity"]:
-            acc = drops.setdefault((row.capacity_factor, row.drop_order), [0, 0, 0, 0])
-            for i, v in enumerate((row.entries, row.dropped, row.tokens, row.unrouted)):
-                acc[i] += v
-    capacity = [
-        CapacityDrop(factor, order, *counts).to_dict() for (factor, order), counts in drops.items()
-    ]
+    capacity = [row.to_dict() for row in sum_drops([layer["capacity"] for layer in per_layer])]
     balanced = [layer["balanced"] for layer in per_layer]
     tokens = sum(b.tokens for b in balanced)
     entries = sum(b.entries for b in balanced)

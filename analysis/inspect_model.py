@@ -40,7 +40,13 @@ import torch
 from torch import nn
 
 from analysis import plots
-from analysis.counterfactual import capacity_drops, layer_counterfactuals, model_table
+from analysis.counterfactual import (
+    CapacityDrop,
+    capacity_drops,
+    layer_counterfactuals,
+    model_table,
+    sum_drops,
+)
 from analysis.metrics import concat_routings
 from analysis.recorder import RoutingRecorder
 from analysis.specialisation import coactivation, shuffled_baseline, specialisation
@@ -222,8 +228,9 @@ def inspect_model(
         if isinstance(text, TextWindows)
         else read_text(text, tokenizer, seq_len=settings.seq_len, max_tokens=settings.max_tokens)
     )
-    names: list[str] = []
-    num_labels = max(1, len(data.label_names) or int(max(int(lab.max()) for lab in data.labels)) + 1)
+    num_labels = max(
+        1, len(data.label_names) or int(max(int(lab.max()) for lab in data.labels)) + 1
+    )
 
     capture = RoutingCapture(model)
     names = capture.names
@@ -273,8 +280,7 @@ def inspect_model(
                     "expert_label_table": spec_i.table.tolist(),
                 },
                 "drop_curve": [
-                    row.to_dict()
-                    for row in capacity_drops(records, settings.curve_factors)
+                    row.to_dict() for row in capacity_drops(records, settings.curve_factors)
                 ],
             }
         )
@@ -317,7 +323,7 @@ def inspect_model(
             "router_class": capture.spec.router_class,
             "semantics": capture.spec.notes,
             "transformers": transformers.__version__,
-            "path": None if isinstance(model, str) else getattr(model, "name_or_path", None),
+            "path": str(getattr(model, "name_or_path", "")),
         },
         "tokens": data.num_tokens,
         "windows": len(data.windows),
@@ -364,21 +370,23 @@ def _loss_with_labels(
 
 
 def _model_curve(layers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    sums: dict[tuple[float, str], list[int]] = {}
-    for layer in layers:
-        for row in layer["drop_curve"]:
-            acc = sums.setdefault((row["capacity_factor"], row["drop_order"]), [0, 0, 0, 0])
-            for i, key in enumerate(("entries", "dropped", "tokens", "unrouted")):
-                acc[i] += row[key]
+    rows = sum_drops(
+        [[CapacityDrop(**_fields(r)) for r in layer["drop_curve"]] for layer in layers]
+    )
     return [
         {
-            "capacity_factor": factor,
-            "drop_order": order,
-            "dropped_percent": 100.0 * d / e if e else 0.0,
-            "unrouted_percent": 100.0 * u / t if t else 0.0,
+            "capacity_factor": row.capacity_factor,
+            "drop_order": row.drop_order,
+            "dropped_percent": 100.0 * row.dropped_fraction,
+            "dropped_weight_percent": 100.0 * row.dropped_weight_fraction,
+            "unrouted_percent": 100.0 * row.unrouted_fraction,
         }
-        for (factor, order), (e, d, t, u) in sums.items()
+        for row in rows
     ]
+
+
+def _fields(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row[key] for key in CapacityDrop.__dataclass_fields__}
 
 
 def _pct(value: float | None) -> str:
@@ -397,7 +405,6 @@ def write_report(metrics: dict[str, Any], out: str | os.PathLike[str], tables: d
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     layers = metrics["layers"]
-    names = [layer["name"] for layer in layers]
     width = max(layer["num_experts"] for layer in layers)
     relative = torch.full((len(layers), width), float("nan"))
     for i, layer in enumerate(layers):
@@ -416,9 +423,16 @@ def write_report(metrics: dict[str, Any], out: str | os.PathLike[str], tables: d
     orders = sorted({row["drop_order"] for row in curve})
     plots.plot_sweep(
         {"capacity_factor": factors, "drop_order": orders},
-        [{"options": {k: row[k] for k in ("capacity_factor", "drop_order")}, **row} for row in curve],
+        [
+            {"options": {k: row[k] for k in ("capacity_factor", "drop_order")}, **row}
+            for row in curve
+        ],
         out / "drop_curve.png",
-        quantities={"dropped_percent": "dropped entries %", "unrouted_percent": "tokens unrouted %"},
+        quantities={
+            "dropped_percent": "dropped entries %",
+            "dropped_weight_percent": "dropped combine weight %",
+            "unrouted_percent": "tokens unrouted %",
+        },
         title="Counterfactual capacity: whole model",
     )
     if metrics["label_names"]:
@@ -451,17 +465,31 @@ def write_report(metrics: dict[str, Any], out: str | os.PathLike[str], tables: d
             f"| {_num(s['max_over_mean'])} | {_num(s['min_over_mean'])} "
             f"| {_pct(s['unused_fraction'])} | {_pct(layer['spec_agreement'])} |"
         )
-    lines += ["", "![load](load_heatmap.png)", "", "## Counterfactual capacity (dropped entries %)", ""]
-    combos = [(row["capacity_factor"], row["drop_order"]) for row in layers[0]["capacity"]]
-    lines.append("| layer | " + " | ".join(f"cf {f} {o}" for f, o in combos) + " |")
-    lines.append("|---|" + "---|" * len(combos))
-    for layer in layers:
-        cells = [_pct(row["dropped_fraction"]) for row in layer["capacity"]]
-        lines.append(f"| {layer['name']} | " + " | ".join(cells) + " |")
-    whole = {(r["capacity_factor"], r["drop_order"]): r for r in metrics["model_table"]["capacity"]}
-    lines.append(
-        "| **whole model** | " + " | ".join(_pct(whole[c]["dropped_fraction"]) for c in combos) + " |"
-    )
+    lines += [
+        "",
+        "![load](load_heatmap.png)",
+        "",
+        "## Counterfactual capacity",
+        "",
+        "Per capacity factor: dropped entries % (the same under every drop order), then per "
+        "drop order the dropped combine weight % / tokens left with no expert %.",
+        "",
+    ]
+    factors = sorted({row["capacity_factor"] for row in layers[0]["capacity"]})
+    orders = list(dict.fromkeys(row["drop_order"] for row in layers[0]["capacity"]))
+    header = ["layer", "cf", "dropped %", *(f"{o}: weight % / unrouted %" for o in orders)]
+    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    whole = {"name": "**whole model**", "capacity": metrics["model_table"]["capacity"]}
+    for layer in [*layers, whole]:
+        rows = {(r["capacity_factor"], r["drop_order"]): r for r in layer["capacity"]}
+        for f in factors:
+            cells = [layer["name"], f"{f}", _pct(rows[(f, orders[0])]["dropped_fraction"])]
+            for o in orders:
+                r = rows[(f, o)]
+                cells.append(
+                    f"{_pct(r['dropped_weight_fraction'])} / {_pct(r['unrouted_fraction'])}"
+                )
+            lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "![drop curve](drop_curve.png)",
@@ -525,3 +553,35 @@ def write_report(metrics: dict[str, Any], out: str | os.PathLike[str], tables: d
         lines += ["", "![co-activation](coactivation.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out
+
+
+def run_cli(args: Any, usage_error: type[Exception]) -> int:
+    """``routelab inspect-model``: check the arguments, inspect, print where the report is."""
+    path, text = Path(args.path), Path(args.text)
+    if not (path / "config.json").is_file():
+        raise usage_error(f"{path} is not a checkpoint directory (no config.json in it)")
+    if not text.exists():
+        raise usage_error(f"--text {text} does not exist")
+    if args.seq_len < 2 or args.max_tokens < 2:
+        raise usage_error("--seq-len and --max-tokens must be >= 2")
+    try:
+        from routelab.hf import require_transformers
+
+        require_transformers().utils.logging.disable_progress_bar()
+    except ImportError as error:
+        raise usage_error(str(error)) from None
+    settings = InspectSettings(
+        seq_len=args.seq_len, max_tokens=args.max_tokens, swaps=not args.no_swaps
+    )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        metrics = inspect_model(path, text, args.out, settings=settings)
+    except ValueError as error:  # unknown architecture, unreadable text
+        raise usage_error(str(error)) from None
+    finally:
+        torch.set_num_threads(previous)
+    timing = metrics["timing"]["total_seconds_per_1000_tokens"]
+    print(f"{metrics['tokens']} tokens, loss {metrics['loss']:.4f}, {timing:.2f} s per 1000 tokens")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0

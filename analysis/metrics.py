@@ -24,6 +24,13 @@ Definitions (E experts; ``load [E]`` entries per expert; ``importance [E]``):
   (``routing.capacity`` is set); None otherwise.
 - ``unrouted_fraction``: the fraction of tokens left with no kept entry (dropped by a
   capacity policy, or picked by no expert under expert choice).
+- variable compute (top-p, ReLU routing, null experts): ``experts_per_token_hist``
+  (float64 ``[E + 1]``, entry n the number of tokens with n kept entries),
+  ``experts_per_token_mean`` (kept entries / tokens), ``ffn_entries_per_token`` (the
+  same, not counting entries on ``null_experts``, the ids whose experts spend no FFN
+  compute: MoE++'s zero / copy / constant experts) and ``flops_vs_topk``
+  (``ffn_entries_per_token / reference_k``: the expert FLOPs per token relative to a
+  top-k router with ``k = reference_k`` and the same experts; None without a reference).
 
 Conventions for the degenerate cases, so every field is a finite number:
 
@@ -37,6 +44,7 @@ Conventions for the degenerate cases, so every field is a finite number:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -134,6 +142,13 @@ class LoadStats:
             capacity policy, or not chosen by any expert under expert choice).
         num_tokens: tokens seen; num_entries: kept entries; num_dropped: dropped entries;
         capacity_slots: summed ``capacity * E`` over the batches a capacity policy ran on.
+        experts_per_token_hist: float64 ``[E + 1]``, tokens per number of kept entries
+            (None where only counts were given).
+        experts_per_token_mean: mean kept entries per token.
+        ffn_entries_per_token: mean kept entries per token on experts with FFN compute.
+        null_experts: the expert ids counted as free (no FFN compute).
+        reference_k: the k of the top-k reference for ``flops_vs_topk`` (or None).
+        flops_vs_topk: ``ffn_entries_per_token / reference_k`` (None without reference_k).
     """
 
     importance: Tensor
@@ -152,6 +167,12 @@ class LoadStats:
     num_entries: int
     num_dropped: int
     capacity_slots: int | None
+    experts_per_token_hist: Tensor | None = None
+    experts_per_token_mean: float = 0.0
+    ffn_entries_per_token: float = 0.0
+    null_experts: tuple[int, ...] = ()
+    reference_k: int | None = None
+    flops_vs_topk: float | None = None
 
     @classmethod
     def from_counts(
@@ -163,13 +184,18 @@ class LoadStats:
         num_dropped: int = 0,
         capacity_slots: int | None = None,
         num_unrouted: int = 0,
+        experts_per_token_hist: Tensor | None = None,
+        null_experts: Sequence[int] = (),
+        reference_k: int | None = None,
     ) -> LoadStats:
         """The statistics of accumulated counts.
 
         ``load [E]`` kept entries per expert; ``importance [E]`` (default: ``load``);
         ``num_dropped`` entries removed by policies; ``capacity_slots`` the summed
         ``capacity * E`` over the batches a capacity policy ran on (None: none ran);
-        ``num_unrouted`` the tokens that kept no entry.
+        ``num_unrouted`` the tokens that kept no entry; ``experts_per_token_hist [E + 1]``
+        tokens per number of kept entries; ``null_experts`` expert ids without FFN compute;
+        ``reference_k`` the top-k reference of ``flops_vs_topk``.
         """
         load_v = _as_vector("load", load)
         imp_v = load_v if importance is None else _as_vector("importance", importance)
@@ -190,6 +216,25 @@ class LoadStats:
             if capacity_slots < 0:
                 raise ValueError(f"capacity_slots must be >= 0, got {capacity_slots}")
             utilisation = kept / capacity_slots if capacity_slots else 0.0
+        null = tuple(sorted({int(e) for e in null_experts}))
+        if any(not 0 <= e < load_v.shape[0] for e in null):
+            raise ValueError(
+                f"null_experts must be expert ids in [0, {load_v.shape[0]}), got {null}"
+            )
+        if reference_k is not None and (
+            isinstance(reference_k, bool) or not isinstance(reference_k, int) or reference_k < 1
+        ):
+            raise ValueError(f"reference_k must be an int >= 1 or None, got {reference_k!r}")
+        hist = None
+        if experts_per_token_hist is not None:
+            hist = _as_vector("experts_per_token_hist", experts_per_token_hist)
+            if hist.shape[0] != load_v.shape[0] + 1:
+                raise ValueError(
+                    f"experts_per_token_hist must be [E + 1] = [{load_v.shape[0] + 1}], "
+                    f"got {tuple(hist.shape)}"
+                )
+        ffn_kept = float(load_v.sum() - load_v[list(null)].sum())
+        ffn_per_token = ffn_kept / num_tokens if num_tokens else 0.0
         return cls(
             importance=imp_v,
             load=load_v,
@@ -207,6 +252,12 @@ class LoadStats:
             num_entries=kept,
             num_dropped=int(num_dropped),
             capacity_slots=capacity_slots,
+            experts_per_token_hist=hist,
+            experts_per_token_mean=kept / num_tokens if num_tokens else 0.0,
+            ffn_entries_per_token=ffn_per_token,
+            null_experts=null,
+            reference_k=reference_k,
+            flops_vs_topk=None if reference_k is None else ffn_per_token / reference_k,
         )
 
     @classmethod
@@ -215,6 +266,13 @@ class LoadStats:
         if not parts:
             raise ValueError("parts must be a non-empty list of LoadStats")
         slots = [p.capacity_slots for p in parts if p.capacity_slots is not None]
+        hists = [p.experts_per_token_hist for p in parts]
+        first = parts[0]
+        if any(
+            (p.null_experts, p.reference_k) != (first.null_experts, first.reference_k)
+            for p in parts
+        ):
+            raise ValueError("parts must share their null_experts and reference_k")
         return cls.from_counts(
             torch.stack([p.load for p in parts]).sum(0),
             torch.stack([p.importance for p in parts]).sum(0),
@@ -222,6 +280,11 @@ class LoadStats:
             num_dropped=sum(p.num_dropped for p in parts),
             capacity_slots=sum(slots) if slots else None,
             num_unrouted=sum(round(p.unrouted_fraction * p.num_tokens) for p in parts),
+            experts_per_token_hist=(
+                None if any(h is None for h in hists) else torch.stack(hists).sum(0)  # type: ignore[arg-type]
+            ),
+            null_experts=first.null_experts,
+            reference_k=first.reference_k,
         )
 
     @property
@@ -233,6 +296,9 @@ class LoadStats:
         out = asdict(self)
         out["importance"] = self.importance.tolist()
         out["load"] = [round(v) for v in self.load.tolist()]
+        hist = self.experts_per_token_hist
+        out["experts_per_token_hist"] = None if hist is None else [round(v) for v in hist.tolist()]
+        out["null_experts"] = list(self.null_experts)
         return out
 
 
@@ -241,12 +307,18 @@ class LoadCounter:
 
     ``update(routing)`` adds a batch; ``stats()`` returns the :class:`LoadStats` of
     everything seen, equal to :func:`load_stats` of all the batches concatenated.
+    ``null_experts`` (expert ids without FFN compute) and ``reference_k`` (the top-k
+    reference) only shape the variable-compute fields (see the module docstring).
     """
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(
+        self, num_experts: int, *, null_experts: Sequence[int] = (), reference_k: int | None = None
+    ) -> None:
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
         self.num_experts = num_experts
+        self.null_experts = tuple(null_experts)
+        self.reference_k = reference_k
         self.reset()
 
     def reset(self) -> None:
@@ -256,6 +328,7 @@ class LoadCounter:
         self.num_dropped = 0
         self.num_unrouted = 0
         self.capacity_slots: int | None = None
+        self.experts_per_token_hist = torch.zeros(self.num_experts + 1, dtype=torch.float64)
 
     def update(self, routing: Routing) -> LoadCounter:
         require_routing(routing)
@@ -266,7 +339,11 @@ class LoadCounter:
         self.load += routing.load().cpu().double()
         self.importance += importance(routing)
         self.num_tokens += routing.num_tokens
-        self.num_unrouted += int((routing.entries_per_token() == 0).sum())
+        per_token = routing.entries_per_token().cpu()
+        self.num_unrouted += int((per_token == 0).sum())
+        self.experts_per_token_hist += torch.bincount(
+            per_token.clamp(max=self.num_experts), minlength=self.num_experts + 1
+        ).double()
         if routing.dropped is not None:
             self.num_dropped += routing.dropped.num_entries
         if routing.capacity is not None:
@@ -281,13 +358,23 @@ class LoadCounter:
             num_dropped=self.num_dropped,
             capacity_slots=self.capacity_slots,
             num_unrouted=self.num_unrouted,
+            experts_per_token_hist=self.experts_per_token_hist,
+            null_experts=self.null_experts,
+            reference_k=self.reference_k,
         )
 
 
-def load_stats(routing: Routing) -> LoadStats:
-    """The :class:`LoadStats` of one routing (see the module docstring)."""
+def load_stats(
+    routing: Routing, *, null_experts: Sequence[int] = (), reference_k: int | None = None
+) -> LoadStats:
+    """The :class:`LoadStats` of one routing (see the module docstring).
+
+    ``null_experts``: expert ids that spend no FFN compute (``NullExperts.null_expert_ids``);
+    ``reference_k``: the k of the top-k router ``flops_vs_topk`` compares with.
+    """
     require_routing(routing)
-    return LoadCounter(routing.num_experts).update(routing).stats()
+    counter = LoadCounter(routing.num_experts, null_experts=null_experts, reference_k=reference_k)
+    return counter.update(routing).stats()
 
 
 def concat_routings(routings: list[Routing]) -> Routing:

@@ -272,6 +272,7 @@ def plot_cv_panels(
     colours = {s: cm_tab20(2 * i % 20) for i, s in enumerate(series_names)}
     top = 0.0
     axes = []
+    length = max((len(v) for series in curves.values() for v in series.values()), default=1)
     for i, (name, series) in enumerate(curves.items()):
         ax = fig.add_subplot(
             rows, columns, i + 1, sharex=axes[0] if axes else None, sharey=axes[0] if axes else None
@@ -288,7 +289,7 @@ def plot_cv_panels(
         if floors and name in floors:
             ax.axhline(floors[name], color="black", linewidth=0.8, linestyle="--")
         if window_start is not None:
-            ax.axvspan(window_start, max(window_start + 1, ax.get_xlim()[1]), color="0.9", zorder=0)
+            ax.axvspan(window_start, max(window_start + 1, length - 1), color="0.9", zorder=0)
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=6)
         if i % columns == 0:

@@ -10,7 +10,9 @@ with biases, the ``FFNExperts`` default), from the same top-k indices and weight
 does only its own work inside the timing (inputs, upstream gradients and routings are
 built before):
 
-- FFNExperts: ``experts(x, routing).backward(grad_out)`` (routelab, default path);
+- FFNExperts: ``experts(x, routing).backward(grad_out)`` (routelab, default path), and
+  "FFNExperts segment", the same with ``grouped_gemm=False`` (the segment kernel): the
+  measurement behind the kernel rule in ``routelab/experts.py``;
 - torchtitan-style: sort by expert, gather, ``torch._grouped_mm`` over the expert
   segments, weight, scatter-add (torchtitan's ``GroupedExperts``);
 - HF loop: the Hugging Face Mixtral block's per-expert loop over separate per-expert
@@ -32,6 +34,7 @@ the small batch; MoE within 1.05x of router + experts.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import subprocess
 from collections.abc import Callable
@@ -135,8 +138,11 @@ def bench(T: int, d: int, h: int, E: int, k: int, repeats: int) -> dict[str, flo
     moe = MoE(router, experts)
     upstream = torch.randn(T * k)
 
+    segment = copy.copy(experts)  # the same parameters, the other kernel
+    segment.grouped_gemm = False
     variants: dict[str, Callable[[], None]] = {
         "FFNExperts": lambda: experts(x, routing).backward(grad_out),
+        "FFNExperts segment": lambda: segment(x, routing).backward(grad_out),
         "torchtitan-style": lambda: torchtitan_style(x, idx, w, *peer).backward(grad_out),
         "HF loop": lambda: hf_loop(x, idx, w, per_expert).backward(grad_out),
         "padded bmm": lambda: padded_bmm(x, idx, w, *peer).backward(grad_out),

@@ -1,24 +1,26 @@
 """Router cost against expert execution: each gate's forward + backward, as a ratio to
-FFNExperts forward + backward at the foundation benchmark's size.
+FFNExperts forward + backward, at the fine-grained config of issue 17 (and the large one).
 
 Run: ``python benchmarks/routers.py`` (``--quick`` for a small size). One run, side by
 side, interleaved (``_timing.time_side_by_side``); prints the median times and, for each
 gate, ``gate / FFNExperts``.
 
-- FFNExperts: forward + backward of E FFN experts on a fixed top-k routing
-  (T = 8192, d = 512, h = 2048, E = 16, k = 2, fp32).
+- FFNExperts: forward + backward of E FFN experts on a fixed top-k routing, fp32, at
+  ``fine`` (T = 8192, d = 512, h = 256, E = 64, k = 8: the target's config) and
+  ``large`` (T = 8192, d = 512, h = 2048, E = 16, k = 2); ``--configs`` picks.
 - A gate: ``routing = gate(x)`` in training mode, then the backward of
   ``sum(weight * g) + aux_loss`` (g a fixed random upstream gradient for the combine
   weights), so routing, its auxiliary losses and their gradients are all counted.
 
-Target (issue 3): the top-k family (TopKGate, NoisyTopKGate, SwitchGate) at most 5% of
-the expert time. To add a router, add one line to ``GATES``: a name and a factory
-``(d_model, num_experts, k) -> Router``.
+Target (issue 17, item 3): every router at most 5% of the expert time at ``fine``, and
+BASE's default (auction) at most the exact solver's time. To add a router, add one line
+to ``GATES``: a name and a factory ``(d_model, num_experts, k) -> Router``.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 from collections.abc import Callable
 
 import torch
@@ -28,37 +30,44 @@ from routelab import FFNExperts, Routing
 from routelab.router import Router
 from routelab.routers import (
     BASERouter,
+    CosineTopKGate,
     DSelectKGate,
     ExpertChoiceRouter,
     HashRouter,
+    MoEPlusPlusGate,
     NoisyTopKGate,
+    ReMoEGate,
     SinkhornRouter,
     SoftmaxGate,
     SwitchGate,
     TopKGate,
+    TopKRouter,
+    TopPGate,
 )
 
-# name -> (factory(d_model, num_experts, k), in the top-k family with the 5% target)
-GATES: dict[str, tuple[Callable[[int, int, int], Router], bool]] = {
-    "TopKGate": (lambda d, E, k: TopKGate(d, E, k=k), True),
-    "NoisyTopKGate": (lambda d, E, k: NoisyTopKGate(d, E, k=k), True),
-    "SwitchGate": (lambda d, E, k: SwitchGate(d, E, z_weight=1e-3), True),
-    "SoftmaxGate": (lambda d, E, k: SoftmaxGate(d, E), False),
-    "DSelectKGate": (lambda d, E, k: DSelectKGate(d, E, k=k, entropy_weight=1e-3), False),
-    "DSelectKGate static": (
-        lambda d, E, k: DSelectKGate(d, E, k=k, entropy_weight=1e-3, per_example=False),
-        False,
+# name -> factory(d_model, num_experts, k)
+GATES: dict[str, Callable[[int, int, int], Router]] = {
+    "TopKGate": lambda d, E, k: TopKGate(d, E, k=k),
+    "TopKRouter (DeepSeek-V3)": lambda d, E, k: TopKRouter(
+        d, E, k=k, score="sigmoid", selection_bias=True, num_groups=8, top_groups=4
     ),
-    "ExpertChoiceRouter": (
-        lambda d, E, k: ExpertChoiceRouter(d, E, capacity_factor=float(k)),
-        False,
+    "NoisyTopKGate": lambda d, E, k: NoisyTopKGate(d, E, k=k),
+    "SwitchGate": lambda d, E, k: SwitchGate(d, E, z_weight=1e-3),
+    "CosineTopKGate": lambda d, E, k: CosineTopKGate(d, E, k=k),
+    "TopPGate": lambda d, E, k: TopPGate(d, E),
+    "ReMoEGate": lambda d, E, k: ReMoEGate(d, E, k=k),
+    "MoEPlusPlusGate": lambda d, E, k: MoEPlusPlusGate(d, E, k=k),
+    "SoftmaxGate": lambda d, E, k: SoftmaxGate(d, E),
+    "DSelectKGate": lambda d, E, k: DSelectKGate(d, E, k=k, entropy_weight=1e-3),
+    "DSelectKGate static": lambda d, E, k: DSelectKGate(
+        d, E, k=k, entropy_weight=1e-3, per_example=False
     ),
-    "BASERouter (auction)": (lambda d, E, k: BASERouter(d, E, method="auction"), False),
-    "BASERouter (exact)": (lambda d, E, k: BASERouter(d, E, method="exact"), False),
-    "SinkhornRouter": (lambda d, E, k: SinkhornRouter(d, E), False),
-    "HashRouter (random)": (
-        lambda d, E, k: HashRouter.fit("random", E, d_model=d, vocab_size=VOCAB_SIZE),
-        False,
+    "ExpertChoiceRouter": lambda d, E, k: ExpertChoiceRouter(d, E, capacity_factor=float(k)),
+    "BASERouter (auction)": lambda d, E, k: BASERouter(d, E, method="auction"),
+    "BASERouter (exact)": lambda d, E, k: BASERouter(d, E, method="exact"),
+    "SinkhornRouter": lambda d, E, k: SinkhornRouter(d, E),
+    "HashRouter (random)": lambda d, E, k: HashRouter.fit(
+        "random", E, d_model=d, vocab_size=VOCAB_SIZE
     ),
 }
 
@@ -98,30 +107,44 @@ def bench(T: int, d: int, h: int, E: int, k: int, repeats: int) -> dict[str, flo
         experts(x, routing).backward(grad_out)
 
     variants: dict[str, Callable[[], None]] = {"FFNExperts": run_experts}
-    for name, (factory, _) in GATES.items():
+    for name, factory in GATES.items():
         variants[name] = gate_step(factory(d, E, k).train(), x)
     return time_side_by_side(variants, repeats=repeats)
 
 
-CONFIG = (8192, 512, 2048, 16, 2)  # the foundation benchmark's size
-QUICK = (1024, 128, 256, 16, 2)
+CONFIGS = {"fine": (8192, 512, 256, 64, 8), "large": (8192, 512, 2048, 16, 2)}
+QUICK = {"fine": (1024, 128, 64, 64, 8), "large": (1024, 128, 256, 16, 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--configs", default="fine,large", help="comma-separated subset")
+    parser.add_argument("--markdown", action="store_true", help="a table row per router")
     args = parser.parse_args()
-    T, d, h, E, k = QUICK if args.quick else CONFIG
-    print(f"fp32, forward + backward, median of {args.repeats}, threads={torch.get_num_threads()}")
-    print(f"T={T} d={d} h={h} E={E} k={k}")
-    times = bench(T, d, h, E, k, args.repeats)
-    reference = times["FFNExperts"]
-    print(f"  {'FFNExperts':22s} {reference * 1e3:9.2f} ms")
-    for name, (_, topk_family) in GATES.items():
-        ratio = times[name] / reference
-        note = f"  (target <= {TARGET:.2f})" if topk_family else ""
-        print(f"  {name:22s} {times[name] * 1e3:9.2f} ms   gate / FFNExperts = {ratio:.4f}{note}")
+    torch.set_num_threads(1)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"fp32, forward + backward, median of {args.repeats}, threads=1; load: {load}")
+    for config in args.configs.split(","):
+        T, d, h, E, k = (QUICK if args.quick else CONFIGS)[config]
+        print(f"[{config}] T={T} d={d} h={h} E={E} k={k}")
+        times = bench(T, d, h, E, k, args.repeats)
+        reference = times["FFNExperts"]
+        if args.markdown:
+            print("| router | ms | router / FFNExperts |\n|---|---|---|")
+            print(f"| FFNExperts | {reference * 1e3:.1f} | 1 |")
+        else:
+            print(f"  {'FFNExperts':26s} {reference * 1e3:9.2f} ms")
+        for name in GATES:
+            ratio = times[name] / reference
+            if args.markdown:
+                print(f"| {name} | {times[name] * 1e3:.1f} | {ratio:.2%} |")
+            else:
+                flag = "" if ratio <= TARGET else "  (over the 5% target)"
+                print(f"  {name:26s} {times[name] * 1e3:9.2f} ms   {ratio:7.2%}{flag}")
+        auction, exact = times["BASERouter (auction)"], times["BASERouter (exact)"]
+        print(f"  BASE default (auction) / exact = {auction / exact:.3f}  (target <= 1)")
 
 
 if __name__ == "__main__":

@@ -50,9 +50,9 @@ from __future__ import annotations
 
 import copy
 import math
-from fractions import Fraction
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -1045,21 +1045,33 @@ class Expansion(NamedTuple):
 
 
 def expand_model(
-    model: nn.Module, n: int, *, freeze: bool = True, **grow_options: Any
+    model: nn.Module,
+    n: int,
+    *,
+    freeze: bool = True,
+    layer_loads: Sequence[Tensor] | None = None,
+    **grow_options: Any,
 ) -> Expansion:
     """The Lifelong-MoE expansion step (Chen et al. 2023) for a new data distribution.
 
     A deep copy of ``model`` (the old one stays, e.g. as the distillation teacher) in
     which every MoE layer has ``n`` more experts (:func:`grow_experts` with
     ``grow_options``) and, with ``freeze``, the old experts and the old gate columns are
-    frozen (:class:`Freeze`); every other parameter stays trainable. Call
+    frozen (:class:`Freeze`); every other parameter stays trainable. ``layer_loads``:
+    one recorded load ``[E]`` per MoE layer (in :func:`moe_layers` order), passed to each
+    layer's growth as ``loads`` (copy sources: the most-used experts). Call
     ``Freeze.guard(optimizer)`` on each freeze for optimisers with weight decay.
     """
     n = require_int("n", n, 1)
     new = copy.deepcopy(model)
     freezes: list[Freeze] = []
-    for name, layer in moe_layers(new):
+    layers = moe_layers(new)
+    if layer_loads is not None and len(layer_loads) != len(layers):
+        raise ValueError(f"layer_loads must hold one load per MoE layer ({len(layers)})")
+    for i, (name, layer) in enumerate(layers):
         old_E = layer.num_experts
+        if layer_loads is not None:
+            grow_options["loads"] = layer_loads[i]
         grown = grow_experts(layer, n, **grow_options)
         new = _replace(new, name, grown)
         if freeze:

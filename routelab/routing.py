@@ -138,7 +138,10 @@ class Routing:
                 raise TypeError(f"aux keys must be str, got {key!r}")
             if not isinstance(value, Tensor) or value.numel() != 1:
                 raise ValueError(f"aux[{key!r}] must be a scalar tensor, got {value!r}")
-        object.__setattr__(self, "aux", FrozenAux(self.aux))  # a copy: never shared
+        # a copy: never shared (a plain dict inside torch.compile, which cannot rebuild a
+        # dict subclass created in the graph; eager code always gets the read-only one)
+        aux = dict(self.aux) if torch.compiler.is_compiling() else FrozenAux(self.aux)
+        object.__setattr__(self, "aux", aux)
         if self.dropped is not None and not isinstance(self.dropped, Routing):
             raise TypeError(f"dropped must be a Routing or None, got {type(self.dropped).__name__}")
         if self.capacity is not None:

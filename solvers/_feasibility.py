@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["check_feasible"]
+__all__ = ["check_feasible", "hall_violator"]
 
 
 def _listing(ids: np.ndarray, limit: int = 12) -> str:
@@ -21,8 +21,10 @@ def _listing(ids: np.ndarray, limit: int = 12) -> str:
     return f"[{head}{', ...' if ids.size > limit else ''}]"
 
 
-def check_feasible(allowed: np.ndarray, cap: np.ndarray) -> None:
-    """Raise a ValueError naming the tokens that cannot be placed, if any.
+def hall_violator(allowed: np.ndarray, cap: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """None when every token can be placed, else ``(tokens, experts)``: a set of tokens whose
+    usable experts (allowed, capacity > 0) are exactly ``experts`` and have less capacity in
+    total than there are tokens (the residual-graph cut of a maximum flow, module doc).
 
     ``allowed [T, E]`` bool (False: forbidden pair), ``cap [E]`` int64 (``sum >= T``).
     """
@@ -33,11 +35,7 @@ def check_feasible(allowed: np.ndarray, cap: np.ndarray) -> None:
     usable = allowed & (cap > 0)[None, :]
     homeless = np.flatnonzero(~usable.any(axis=1))
     if homeless.size:
-        raise ValueError(
-            f"infeasible: {homeless.size} token(s) {_listing(homeless)} have no allowed expert "
-            "with capacity > 0 (every score of the row is -inf, or only experts of capacity 0 "
-            "allow them)"
-        )
+        return homeless, np.zeros(0, dtype=np.int64)
     patterns, inverse, counts = np.unique(
         np.packbits(usable, axis=1), axis=0, return_inverse=True, return_counts=True
     )
@@ -52,17 +50,32 @@ def check_feasible(allowed: np.ndarray, cap: np.ndarray) -> None:
     graph = csr_matrix((caps, (rows, cols)), shape=(P + E + 2, P + E + 2))
     result = maximum_flow(graph, source, sink, method="dinic")
     if result.flow_value >= T:
-        return
+        return None
     residual = (graph.astype(np.int64) - result.flow).tocsr()
     residual.data[residual.data < 0] = 0
     residual.eliminate_zeros()
     reached = breadth_first_order(residual, source, directed=True, return_predecessors=False)
     reached_patterns = reached[(reached >= 1) & (reached <= P)] - 1
     experts = np.sort(reached[(reached > P) & (reached < sink)] - 1 - P)
-    tokens = np.flatnonzero(np.isin(inverse, reached_patterns))
+    return np.flatnonzero(np.isin(inverse, reached_patterns)), experts
+
+
+def check_feasible(allowed: np.ndarray, cap: np.ndarray) -> None:
+    """Raise a ValueError naming the tokens that cannot be placed, if any
+    (:func:`hall_violator`)."""
+    found = hall_violator(allowed, cap)
+    if found is None:
+        return
+    tokens, experts = found
+    if not experts.size:
+        raise ValueError(
+            f"infeasible: {tokens.size} token(s) {_listing(tokens)} have no allowed expert "
+            "with capacity > 0 (every score of the row is -inf, or only experts of capacity 0 "
+            "allow them)"
+        )
+    total = int(cap[experts].sum())
     raise ValueError(
-        f"infeasible: {T - result.flow_value} token(s) cannot be placed. The {tokens.size} "
-        f"tokens {_listing(tokens)} may only use experts {_listing(experts)} (every other "
-        f"pair is -inf, forbidden), whose capacities sum to {int(cap[experts].sum())} "
-        f"< {tokens.size}"
+        f"infeasible: the {tokens.size} tokens {_listing(tokens)} may only use experts "
+        f"{_listing(experts)} (every other pair is -inf, forbidden), whose capacities sum to "
+        f"{total} < {tokens.size}: at least {tokens.size - total} of them cannot be placed"
     )

@@ -38,7 +38,8 @@ class LayerRouting:
     Fields:
         layer: index of the layer in model order; name: its router's module path.
         routing: the Routing the model used (T = tokens of the call, flattened
-            batch-major; k entries per token, weights as the experts apply them; entries
+            batch-major; k entries per token by descending weight, weights as the experts
+            apply them; entries
             a capacity limit removed are in ``routing.dropped``); ``probs [T, E]``.
         chosen: the router's choice before any capacity limit (``routing`` itself
             where the router has none): the counterfactuals start from it.
@@ -71,8 +72,12 @@ def routing_from_router_output(
     logits, indices, weights, kept = spec.unpack(module, output)
     logits = logits.detach()
     probs = spec.scores(logits)
-    indices = indices.detach().long()
-    weights = weights.detach().float()
+    # each token's entries by descending weight (choice rank 0 first, as Routing.from_topk
+    # lays out a top-k gate; DeepSeek's routers return them unsorted)
+    weights, order = weights.detach().float().sort(dim=-1, descending=True, stable=True)
+    indices = indices.detach().long().gather(1, order)
+    if kept is not None:
+        kept = kept.gather(1, order)
     E = probs.shape[-1]
     chosen = Routing.from_topk(indices, weights, E, probs=probs)
     if kept is None:

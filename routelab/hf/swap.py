@@ -306,9 +306,7 @@ def swap_router(
                 given = SwapInput(record.chosen, hidden, ids, spec, module)
                 new = _apply(replacement, given)
                 if not isinstance(new, Routing):
-                    raise TypeError(
-                        f"the replacement returned {type(new).__name__}, not a Routing"
-                    )
+                    raise TypeError(f"the replacement returned {type(new).__name__}, not a Routing")
                 if (new.num_tokens, new.num_experts) != (
                     record.chosen.num_tokens,
                     record.chosen.num_experts,

@@ -3,7 +3,8 @@
 For tests and examples, offline: :func:`train_tokenizer` trains a byte-level BPE
 tokenizer with ``tokenizers`` on text (default: a few standard-library files);
 :func:`tiny_checkpoint` builds a randomly initialised model from the architecture's
-own ``transformers`` config class (2 layers, 4-8 experts, width 32), makes its routers
+own ``transformers`` config class (2 layers, 4-8 experts, width 32; weights drawn
+with std 0.2 so that experts matter to the loss), makes its routers
 decisive (router weights drawn with std 0.5, a random DeepSeek-V3 selection bias) and
 writes model and tokenizer with ``save_pretrained``; :func:`load_pretrained` loads a
 checkpoint directory exactly as a user's checkpoint is loaded (``AutoTokenizer`` and
@@ -31,6 +32,7 @@ _DECODER = {
     "num_attention_heads": 2,
     "num_key_value_heads": 1,
     "max_position_embeddings": 256,
+    "initializer_range": 0.2,  # experts large enough that a router swap moves the loss
 }
 _DEEPSEEK = {
     "n_routed_experts": 8,
@@ -140,7 +142,7 @@ def _sharpen_routers(model: nn.Module, seed: int) -> None:
         for module in model.modules():
             if type(module).__name__ != spec.router_class:
                 continue
-            for name, param in module.named_parameters():
+            for param in module.parameters():
                 if param.dim() == 2:
                     param.copy_(0.5 * torch.randn(param.shape, generator=gen))
             if spec.selection_bias is not None:

@@ -12,7 +12,7 @@ from routelab.routers.sinkhorn import SinkhornRouter
 from routelab.routers.softmax import SoftmaxGate
 from routelab.routers.switch import SwitchGate
 from routelab.routers.top_p import TopPGate
-from routelab.routers.topk import TopKGate
+from routelab.routers.topk import TokenChoiceRouter, TopKGate, TopKRouter, TopKSelection
 
 __all__ = [
     "BASERouter",
@@ -26,6 +26,9 @@ __all__ = [
     "SinkhornRouter",
     "SoftmaxGate",
     "SwitchGate",
+    "TokenChoiceRouter",
     "TopKGate",
+    "TopKRouter",
+    "TopKSelection",
     "TopPGate",
 ]

@@ -41,13 +41,15 @@ class BASERouter(Router):
     Args:
         d_model: d.
         num_experts: E.
-        method: the :func:`solvers.balanced_assignment` method used in training
-            (``"auction"`` by default; ``"exact"`` for the optimum).
+        method: the :func:`solvers.balanced_assignment` method used in training:
+            ``"exact"`` by default (the optimum, the same on every device, and on CPU faster
+            than the torch auction: benchmarks/README.md); ``"auction"`` runs the
+            eps-optimal auction in torch on the scores' device.
         solver_options: passed to :func:`solvers.balanced_assignment` (e.g. ``tol=1e-4``).
     """
 
     def __init__(
-        self, d_model: int, num_experts: int, *, method: str = "auction", **solver_options: Any
+        self, d_model: int, num_experts: int, *, method: str = "exact", **solver_options: Any
     ) -> None:
         super().__init__(d_model, num_experts)
         # Validate the method and option names up front (an empty problem solves instantly).

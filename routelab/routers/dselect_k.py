@@ -32,6 +32,21 @@ def smooth_step(t: Tensor, gamma: float) -> Tensor:
     return torch.where(t <= -half, torch.zeros_like(t), torch.where(t >= half, 1.0, inner))
 
 
+def _code_products(steps: Tensor) -> Tensor:
+    """``[..., m] -> [..., 2^m]``: ``r_l = prod_j (S_j if bit j of l is 1 else 1 - S_j)``.
+
+    Built one bit at a time: after bits ``0..j`` the codes with bit j set are the upper
+    half, so each step is ``r <- [r * (1 - S_j), r * S_j]``. O(2^m) work and memory per
+    selector, and the product of every code is taken in the same order ``j = 0..m-1``
+    as the per-code formula.
+    """
+    products = torch.ones_like(steps[..., :1])
+    for j in range(steps.shape[-1]):
+        step = steps[..., j : j + 1]
+        products = torch.cat([products * (1.0 - step), products * step], dim=-1)
+    return products
+
+
 def selector_weights(steps: Tensor, num_experts: int) -> Tensor:
     """Each selector's distribution over the E experts, ``[..., E]`` from ``S(z)`` ``[..., m]``.
 
@@ -44,12 +59,7 @@ def selector_weights(steps: Tensor, num_experts: int) -> Tensor:
     ``l - 2^(m-1) < E``, which keeps it one-hot (its gradient is 0 there anyway).
     """
     m = steps.shape[-1]
-    codes = torch.arange(2**m, device=steps.device)
-    bits = (codes[:, None] >> torch.arange(m, device=steps.device)) & 1  # [2^m, m]
-    on = bits.to(torch.bool)
-    # [..., 2^m, m] -> product over bits
-    factors = torch.where(on, steps.unsqueeze(-2), 1.0 - steps.unsqueeze(-2))
-    full = factors.prod(dim=-1)  # [..., 2^m]
+    full = _code_products(steps)  # [..., 2^m]
     if num_experts == 2**m:
         return full
     valid = full[..., :num_experts]

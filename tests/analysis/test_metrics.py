@@ -176,3 +176,52 @@ def test_bad_input_is_rejected():
         concat_routings([])
     assert gini(torch.tensor([1.0, 1.0])) == 0.0
     assert normalised_entropy(torch.tensor([2.0, 2.0])) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------- variable compute
+@given(routing=routings(max_tokens=20, max_experts=7), data=st.data())
+def test_experts_per_token_fields_match_a_count_by_hand(routing, data):
+    E, T = routing.num_experts, routing.num_tokens
+    null = data.draw(st.lists(st.integers(0, E - 1), max_size=E, unique=True))
+    k = data.draw(st.integers(1, 4))
+    stats = load_stats(routing, null_experts=null, reference_k=k)
+    per_token = [0] * T
+    ffn = 0
+    for t, e in zip(routing.token.tolist(), routing.expert.tolist()):
+        per_token[t] += 1
+        ffn += e not in null
+    hist = [sum(1 for n in per_token if n == m) for m in range(E + 1)]
+    assert stats.experts_per_token_hist.tolist() == hist
+    assert stats.experts_per_token_mean == pytest.approx(sum(per_token) / T if T else 0.0)
+    assert stats.ffn_entries_per_token == pytest.approx(ffn / T if T else 0.0)
+    assert stats.flops_vs_topk == pytest.approx(stats.ffn_entries_per_token / k)
+    assert stats.to_dict()["experts_per_token_hist"] == hist
+    assert load_stats(routing).flops_vs_topk is None
+
+
+def test_variable_compute_streams_and_merges_like_the_concatenation():
+    torch.manual_seed(0)
+    parts = [
+        Routing(torch.tensor([0, 0, 1]), torch.tensor([0, 3, 2]), torch.ones(3), 3, 4),
+        Routing(torch.tensor([0, 1, 1, 1]), torch.tensor([1, 0, 1, 3]), torch.ones(4), 2, 4),
+    ]
+    whole = load_stats(concat_routings(parts), null_experts=[3], reference_k=2)
+    counter = LoadCounter(4, null_experts=[3], reference_k=2)
+    for part in parts:
+        counter.update(part)
+    merged = LoadStats.merge([load_stats(p, null_experts=[3], reference_k=2) for p in parts])
+    for stats in (counter.stats(), merged):
+        assert stats.experts_per_token_hist.tolist() == [1, 2, 1, 1, 0]
+        assert stats.experts_per_token_mean == whole.experts_per_token_mean == 7 / 5
+        assert stats.ffn_entries_per_token == whole.ffn_entries_per_token == 5 / 5
+        assert stats.flops_vs_topk == 0.5
+    with pytest.raises(ValueError, match="share"):
+        LoadStats.merge([load_stats(parts[0]), load_stats(parts[1], reference_k=2)])
+
+
+def test_variable_compute_arguments_are_checked():
+    routing = Routing(torch.tensor([0]), torch.tensor([1]), torch.ones(1), 1, 3)
+    with pytest.raises(ValueError, match="null_experts"):
+        load_stats(routing, null_experts=[3])
+    with pytest.raises(ValueError, match="reference_k"):
+        load_stats(routing, reference_k=0)

@@ -167,6 +167,18 @@ def make_router(kind: str, num_experts: int) -> Any:
         "dselect_k": ("DSelectKGate", {"k": 2}),
         "expert_choice": ("ExpertChoiceRouter", {}),
         "sinkhorn": ("SinkhornRouter", {}),
+        "deepseek": (  # sigmoid, 2 groups (top 1), selection bias, scaled, sequence loss
+            "TopKRouter",
+            {
+                "k": 2,
+                "score": "sigmoid",
+                "num_groups": 2,
+                "top_groups": 1,
+                "scaling_factor": 2.5,
+                "selection_bias": True,
+                "sequence_balance_weight": 1e-3,
+            },
+        ),
     }
     if kind in others:
         name, options = others[kind]
@@ -207,8 +219,8 @@ def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, Any]:
     ``case``: ``router`` kind, per-rank ``sizes``, ``assignment`` ("per_rank"/"global"),
     ``reference`` ("full": MoE on the concatenation; "chunks": router and policies on
     each rank's chunk, experts on the concatenation), optional ``capacity`` (a factor)
-    ``batched`` (feed ``[1, T_r, d]``), ``activation`` of the experts and ``eval`` (the
-    router in evaluation mode).
+    ``batched`` (feed ``[1, T_r, d]``), ``activation`` of the experts, ``eval`` (the
+    router in evaluation mode) and ``shared`` (a gated shared expert, replicated).
     """
     import copy
 
@@ -219,6 +231,7 @@ def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, Any]:
         broadcast_replicated,
         shard_experts,
     )
+    from routelab.moe import SharedExperts
     from routelab.policies import CapacityPolicy
 
     torch.manual_seed(case.get("seed", 0))
@@ -227,6 +240,7 @@ def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, Any]:
     router.train(not case.get("eval", False))
     experts = FFNExperts(num_experts, D_MODEL, D_HIDDEN, activation=case.get("activation", "relu"))
     policies = [CapacityPolicy(case["capacity"])] if case.get("capacity") else []
+    shared = SharedExperts(D_MODEL, D_HIDDEN, gated=True) if case.get("shared") else None
     sizes = case["sizes"]
     total = sum(sizes)
     x_full = torch.randn(total, D_MODEL)
@@ -237,7 +251,7 @@ def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, Any]:
     policies_ep = copy.deepcopy(policies)
 
     # the single-process reference, on every rank alike
-    moe = MoE(router, experts, policies)
+    moe = MoE(router, experts, policies, shared_experts=shared)
     xr = x_full.clone().requires_grad_()
     if case["reference"] == "full":
         y_ref = moe(xr, ids_full).output
@@ -258,6 +272,7 @@ def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, Any]:
         shard_experts(experts, rank, world),
         policies_ep,
         assignment=case.get("assignment", "per_rank"),
+        shared_experts=copy.deepcopy(shared),
     )
     broadcast_replicated(layer)
     x = x_full[lo:hi].clone().requires_grad_()
@@ -278,6 +293,10 @@ def compare_case(rank: int, world: int, case: dict[str, Any]) -> dict[str, Any]:
     ref_router = dict(router.named_parameters())
     for name, p in router_ep.named_parameters():
         errs[f"router.{name}"] = _max_err(p.grad, ref_router[name].grad)
+    if shared is not None:
+        ref_shared = dict(shared.named_parameters())
+        for name, p in layer.shared_experts.named_parameters():
+            errs[f"shared.{name}"] = _max_err(p.grad, ref_shared[name].grad)
     ids_local = layer.local_experts
     for name, p in layer.experts.named_parameters():
         full = getattr(experts, name)
@@ -300,7 +319,138 @@ def equivalence(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]
     for case in config["cases"]:
         results[case["name"]] = compare_case(rank, world, case)
     results["checks"] = helper_checks(rank, world)
+    results["global_balance"] = global_balance_checks(rank, world)
+    results["replay"] = replay_checks(rank, world)
     return results
+
+
+def _router_grads(router: Any) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in router.parameters()])
+
+
+def global_balance_checks(rank: int, world: int) -> dict[str, Any]:
+    """The global-batch balance loss (Qiu et al. 2025) with counts all-reduced over the
+    world, against single-process references on every rank alike (max abs errors):
+
+    - one micro-batch per step (``one_*``): each rank holds its share of the global batch
+      (unequal sizes); the mean of the ranks' losses and the summed gradients of
+      ``loss / W`` equal the loss and gradient on the concatenated global batch;
+    - two accumulated micro-batches (``acc_*``): every rank's m-th micro-batch is its
+      slice of the global m-th micro-batch; the losses and the accumulated gradients
+      equal a single process accumulating the concatenated micro-batches, and the
+      update step's ``step_loss`` / ``step_load`` equal the concatenated global batch's.
+    """
+    from routelab.balancing import update_balancing
+    from routelab.routers import TopKRouter
+
+    E, A = 2 * world, 2
+    sizes = [[5, 3], [2, 6]] if world == 2 else [[3, 1, 4, 2], [2, 5, 0, 3]]
+    group = dist.group.WORLD
+
+    def build(group_: Any) -> Any:
+        torch.manual_seed(11)
+        return TopKRouter(D_MODEL, E, k=2, global_balance_weight=1.0, global_balance_group=group_)
+
+    gen = torch.Generator().manual_seed(12)
+    micro = [torch.randn(sum(s), D_MODEL, generator=gen, dtype=torch.float64) for s in sizes]
+
+    def mine(m: int) -> torch.Tensor:
+        lo = sum(sizes[m][:rank])
+        return micro[m][lo : lo + sizes[m][rank]]
+
+    errs: dict[str, float] = {}
+    # references: the concatenated global batch in one forward, and accumulated
+    ref = build(None).double()
+    whole = ref(torch.cat(micro))
+    whole_loss = whole.aux["global_balance"]
+    whole_loss.backward()
+    whole_grad = _router_grads(ref).clone()
+    whole_load = torch.bincount(whole.expert, minlength=E).double()
+    update_balancing(ref)
+    ref.zero_grad()
+    acc_losses = []
+    for x in micro:
+        loss = ref(x).aux["global_balance"]
+        (loss / A).backward()
+        acc_losses.append(loss.detach())
+    acc_grad = _router_grads(ref).clone()
+    update_balancing(ref)
+
+    # one micro-batch per step, split unevenly over the ranks
+    router = build(group).double()
+    x_one = torch.cat([mine(m) for m in range(A)])
+    loss = router(x_one).aux["global_balance"]
+    (loss / world).backward()
+    grad = _router_grads(router)
+    dist.all_reduce(grad, group=group)
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss, group=group)
+    errs["one_loss"] = _max_err(mean_loss / world, whole_loss.detach())
+    errs["one_grad"] = _max_err(grad, whole_grad)
+    update_balancing(router, group)
+    errs["one_step_load"] = _max_err(router.global_counts.step_load, whole_load)
+    errs["one_step_loss"] = _max_err(router.global_counts.step_loss, whole_loss.detach())
+
+    # two accumulated micro-batches
+    router.zero_grad()
+    for m in range(A):
+        loss = router(mine(m)).aux["global_balance"]
+        (loss / (world * A)).backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss, group=group)
+        errs[f"acc_loss_{m}"] = _max_err(mean_loss / world, acc_losses[m])
+    grad = _router_grads(router)
+    dist.all_reduce(grad, group=group)
+    errs["acc_grad"] = _max_err(grad, acc_grad)
+    update_balancing(router, group)
+    errs["acc_step_load"] = _max_err(router.global_counts.step_load, whole_load)
+    errs["acc_step_loss"] = _max_err(router.global_counts.step_loss, whole_loss.detach())
+    return errs
+
+
+def replay_checks(rank: int, world: int) -> dict[str, Any]:
+    """Router replay through ExpertParallelMoE (with a shared expert): recorded on every
+    rank, router perturbed, replayed; the output equals a single-process MoE replaying
+    its own recording of the concatenated batch, and the experts are the recorded ones."""
+    from routelab import FFNExperts, MoE
+    from routelab.distributed import ExpertParallelMoE
+    from routelab.moe import SharedExperts
+    from routelab.replay import RouterReplay
+    from routelab.routers import TopKRouter
+
+    E = 2 * world
+    sizes = [4, 6] if world == 2 else [3, 0, 5, 2]
+    torch.manual_seed(21)
+    router = TopKRouter(D_MODEL, E, k=2, score="sigmoid", num_groups=2, top_groups=1)
+    moe = MoE(router, FFNExperts(E, D_MODEL, D_HIDDEN), shared_experts=SharedExperts(6, 8))
+    layer = ExpertParallelMoE.from_moe(moe)  # shares the router and the shared expert
+    x_full = torch.randn(sum(sizes), D_MODEL)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    on_ranks, single = RouterReplay(), RouterReplay()
+    with on_ranks.record(layer):
+        layer(x_full[lo:hi])
+    with single.record(moe):
+        moe(x_full)
+    with torch.no_grad():
+        router.weight.add_(
+            torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(3))
+        )
+    fresh = layer(x_full[lo:hi]).routing
+    with on_ranks.replay(layer):
+        replayed = layer(x_full[lo:hi])
+    with single.replay(moe):
+        reference = moe(x_full)
+    recorded = on_ranks.records[""][0]
+    ref_recorded = single.records[""][0]
+    same_experts = torch.equal(replayed.routing.expert, recorded.expert) and torch.equal(
+        recorded.expert, ref_recorded.expert[2 * lo : 2 * hi]
+    )
+    changed = not torch.equal(fresh.expert, recorded.expert)
+    return {
+        "output": _max_err(replayed.output.detach(), reference.output.detach()[lo:hi]),
+        "same_experts": same_experts,
+        "fresh_routing_changed": changed,
+    }
 
 
 def helper_checks(rank: int, world: int) -> dict[str, Any]:

@@ -46,6 +46,7 @@ def _cases(world: int) -> list[dict]:
             ("dselect_k", "dselect_k", [5, 4], "per_rank", "full", {}),
             ("expert_choice_per_rank", "expert_choice", [6, 4], "per_rank", "chunks", {}),
             ("sinkhorn_global", "sinkhorn", [5, 6], "global", "full", {}),
+            ("deepseek_shared", "deepseek", [5, 3], "per_rank", "full", {"shared": True}),
         ]
     else:
         spec = [
@@ -54,6 +55,7 @@ def _cases(world: int) -> list[dict]:
             ("hash", "hash", [2, 5, 0, 4], "per_rank", "full", {}),
             ("base_per_rank", "base", [4, 0, 7, 3], "per_rank", "chunks", {}),
             ("base_global", "base", [4, 0, 7, 3], "global", "full", {}),
+            ("deepseek_shared", "deepseek", [2, 4, 0, 3], "per_rank", "full", {"shared": True}),
         ]
     return [
         dict(
@@ -239,3 +241,23 @@ def test_torchrun_example_trains_and_saves_a_single_process_checkpoint(tmp_path)
     single.load_state_dict(torch.load(ckpt))
     out = single(torch.randn(5, 32))
     assert out.output.shape == (5, 32)
+
+
+# ---------------------------------------------------------------------- issue 11
+def test_global_batch_balance_equals_the_single_process_computation(world2, world4):
+    for outcomes in (world2, world4):
+        for rank, result in enumerate(_results(outcomes)):
+            errs = result["global_balance"]
+            assert {"one_loss", "one_grad", "acc_grad", "acc_step_loss"} <= set(errs)
+            bad = {k: v for k, v in errs.items() if not v <= 1e-10}
+            assert not bad, f"rank {rank}: {bad}"
+
+
+def test_router_replay_through_expert_parallelism(world2, world4):
+    for outcomes in (world2, world4):
+        results = _results(outcomes)
+        for result in results:
+            assert result["replay"]["output"] <= TOL
+            assert result["replay"]["same_experts"]
+        # the perturbed router would have routed differently somewhere: replay mattered
+        assert any(r["replay"]["fresh_routing_changed"] for r in results)

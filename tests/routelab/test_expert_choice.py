@@ -71,7 +71,33 @@ def test_gradient_reaches_the_router_through_the_weights():
     assert router.proj.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("factor", [0, -1.0, float("inf"), "2", True])
-def test_bad_capacity_factor_is_a_clear_error(factor):
-    with pytest.raises(ValueError, match="capacity_factor"):
+@pytest.mark.parametrize(
+    ("factor", "error"),
+    [
+        (0, ValueError),
+        (-1.0, ValueError),
+        (float("inf"), ValueError),
+        (float("nan"), ValueError),
+        ("2", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
+)
+def test_bad_capacity_factor_is_a_clear_error(factor, error):
+    with pytest.raises(error, match="capacity_factor"):
         ExpertChoiceRouter(4, 3, capacity_factor=factor)
+
+
+@pytest.mark.parametrize("text", ["0.3", "1.1", "1.15", "1.2", "2.0", "2.2", "2.675", "3.3"])
+def test_capacity_is_exact_on_the_written_decimal(text):
+    from fractions import Fraction
+
+    for E in (1, 3, 8, 10, 64):
+        router = ExpertChoiceRouter(4, E, capacity_factor=float(text))
+        for T in (0, 1, 5, 10, 100, 640, 1000, 4096):
+            q = Fraction(text) * T
+            expected = min(T, -((-q.numerator) // (q.denominator * E)))
+            assert router.capacity_for(T) == expected, (text, T, E)
+    router = ExpertChoiceRouter(4, 10, capacity_factor=1.1)
+    routing = router(torch.randn(100, 4))
+    assert routing.capacity == 11 and routing.num_entries == 110  # the float product gives 12

@@ -1,9 +1,16 @@
+import copy
+import dataclasses
+import pickle
+from fractions import Fraction
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from routelab import Routing
+from routelab.router import validation
+from routelab.routing import capacity_from_factor
 from routelab.testing import check_routing, routings
 
 
@@ -58,7 +65,7 @@ def test_to_dense_is_differentiable():
 def test_aux_loss_sums_and_defaults_to_zero():
     r = _routing([0], [0], [1.0], 1, 1)
     assert r.aux_loss.item() == 0.0
-    r.aux = {"a": torch.tensor(0.25), "b": torch.tensor(1.5)}
+    r = dataclasses.replace(r, aux={"a": torch.tensor(0.25), "b": torch.tensor(1.5)})
     assert r.aux_loss.item() == pytest.approx(1.75)
 
 
@@ -130,3 +137,144 @@ def test_empty_routing_is_valid():
     check_routing(r, k=2, capacity=0, balanced=True)
     assert torch.equal(r.load(), torch.zeros(3, dtype=torch.int64))
     assert r.to_dense().shape == (0, 3)
+
+
+# ---------------------------------------------------------------- immutability (issue 10.6)
+@pytest.mark.parametrize(
+    "field",
+    [
+        "token",
+        "expert",
+        "weight",
+        "num_tokens",
+        "num_experts",
+        "probs",
+        "aux",
+        "dropped",
+        "capacity",
+    ],
+)
+def test_fields_cannot_be_assigned(field):
+    r = _routing([0, 1], [1, 0], [1.0, 1.0], 2, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(r, field, getattr(r, field))
+
+
+def test_aux_is_a_read_only_copy_never_shared():
+    given_aux = {"a": torch.tensor(0.5)}
+    r = _routing([0], [0], [1.0], 1, 1, aux=given_aux)
+    given_aux["b"] = torch.tensor(9.0)  # the caller's dict is not the routing's
+    assert sorted(r.aux) == ["a"]
+    with pytest.raises(TypeError, match="read-only"):
+        r.aux["c"] = torch.tensor(1.0)
+    for mutate in (
+        lambda a: a.update(x=1),
+        lambda a: a.pop("a"),
+        lambda a: a.clear(),
+        lambda a: a.setdefault("x", 1),
+        lambda a: a.popitem(),
+    ):
+        with pytest.raises(TypeError, match="read-only"):
+            mutate(r.aux)
+    r2 = dataclasses.replace(r, aux={**r.aux, "z": torch.tensor(0.25)})
+    assert sorted(r.aux) == ["a"] and sorted(r2.aux) == ["a", "z"]
+    r3 = r.select(torch.tensor([True]))
+    assert r3.aux is not r.aux and dict(r3.aux) == dict(r.aux)
+    assert r.with_weight(torch.tensor([0.5])).aux is not r.aux
+    assert r.detach().aux is not r.aux
+
+
+def test_replace_reruns_the_checks():
+    r = _routing([0, 1], [1, 0], [1.0, 1.0], 2, 2)
+    with pytest.raises(ValueError, match="same length"):
+        dataclasses.replace(r, weight=torch.ones(3))
+    with pytest.raises(TypeError, match="int64"):
+        dataclasses.replace(r, expert=torch.tensor([1, 0], dtype=torch.int32))
+    with pytest.raises(TypeError, match="dropped"):
+        dataclasses.replace(r, dropped="x")
+    with pytest.raises(ValueError, match="capacity"):
+        dataclasses.replace(r, capacity=-1)
+
+
+def test_a_routing_pickles_and_copies():
+    r = _routing([0, 1], [1, 0], [0.25, 0.75], 2, 2, aux={"a": torch.tensor(0.5)})
+    for clone in (pickle.loads(pickle.dumps(r)), copy.deepcopy(r), copy.copy(r)):
+        assert torch.equal(clone.weight, r.weight) and float(clone.aux["a"]) == 0.5
+        with pytest.raises(TypeError):
+            clone.aux["b"] = torch.tensor(0.0)
+
+
+# ---------------------------------------------------------------- ids checked before use
+@pytest.mark.parametrize(
+    ("token", "expert"), [([0, 1], [0, 2]), ([0, 1], [-1, 0]), ([0, 2], [0, 1]), ([-1, 0], [0, 1])]
+)
+def test_to_dense_refuses_out_of_range_ids(token, expert):
+    r = _routing(token, expert, [1.0, 1.0], 2, 2)
+    with pytest.raises(ValueError, match="ids out of range"):
+        r.to_dense()
+    with pytest.raises(ValueError, match="ids out of range"):
+        r.check_ids()
+
+
+def test_check_ids_is_off_without_validation_and_fine_on_empty():
+    r = _routing([0], [5], [1.0], 1, 2)
+    with validation(False):
+        assert r.check_ids() is r
+    assert _routing([], [], [], 0, 3).check_ids().to_dense().shape == (0, 3)
+
+
+# ---------------------------------------------------------------- exact capacity (issue 10.2)
+_FACTORS = [
+    "0.1",
+    "0.3",
+    "0.7",
+    "1.0",
+    "1.1",
+    "1.15",
+    "1.2",
+    "1.25",
+    "1.3",
+    "1.7",
+    "2.0",
+    "2.2",
+    "2.675",
+    "3.3",
+    "0.0001",
+    "1e-3",
+    "12.5",
+]
+
+
+@pytest.mark.parametrize("text", _FACTORS)
+def test_capacity_from_factor_is_exact_on_the_written_decimal(text):
+    factor = float(text)
+    exact = Fraction(text)  # the decimal as written, parsed independently of the code
+    for num_entries in (0, 1, 7, 10, 64, 100, 1000, 1024, 4096, 8192, 12345):
+        for num_experts in (1, 3, 8, 10, 64, 100):
+            q = exact * num_entries
+            expected = -((-q.numerator * 1) // (q.denominator * num_experts))
+            assert capacity_from_factor(factor, num_entries, num_experts) == expected, (
+                text,
+                num_entries,
+                num_experts,
+            )
+
+
+def test_capacity_from_factor_known_values_and_bad_input():
+    assert capacity_from_factor(1.1, 100, 10) == 11  # the float product gives 12
+    assert capacity_from_factor(Fraction(1, 3), 3, 1) == 1
+    assert capacity_from_factor(10**30, 2, 1) == 2 * 10**30
+    for bad, error in [
+        (float("inf"), ValueError),
+        (float("nan"), ValueError),
+        (0, ValueError),
+        (-1.0, ValueError),
+        ("1.1", TypeError),
+        (True, TypeError),
+    ]:
+        with pytest.raises(error, match="capacity_factor"):
+            capacity_from_factor(bad, 10, 2)
+    with pytest.raises(ValueError, match="num_experts"):
+        capacity_from_factor(1.0, 10, 0)
+    with pytest.raises(TypeError, match="num_entries"):
+        capacity_from_factor(1.0, 10.0, 2)

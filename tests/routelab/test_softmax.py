@@ -37,7 +37,20 @@ def test_every_entry_is_kept_even_when_a_weight_underflows():
     assert torch.equal(routing.entries_per_token(), torch.full((7,), 5))
 
 
-@pytest.mark.parametrize("temperature", [0, -1.0, float("inf"), float("nan"), "1", True])
-def test_bad_temperature_is_a_clear_error(temperature):
-    with pytest.raises(ValueError, match="temperature"):
+@pytest.mark.parametrize(
+    ("temperature", "error"),
+    [
+        (0, ValueError),
+        (-1.0, ValueError),
+        (float("inf"), ValueError),
+        (float("nan"), ValueError),
+        (1e-40, ValueError),
+        (1e-7, ValueError),
+        (1e7, ValueError),
+        ("1", TypeError),
+        (True, TypeError),
+    ],
+)
+def test_bad_temperature_is_a_clear_error(temperature, error):
+    with pytest.raises(error, match="temperature"):
         SoftmaxGate(4, 3, temperature=temperature)
