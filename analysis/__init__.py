@@ -6,6 +6,7 @@
   label), purity, top labels; :func:`coactivation` across stacked layers;
   :func:`routing_stability` between checkpoints.
 - :class:`RoutingRecorder`: streaming statistics of every MoE layer of a model.
+- :func:`hash_expected_load` / :func:`hash_load_imbalance`: a hash table's expected load.
 - :func:`representation_collapse` -> :class:`CollapseStats`: effective rank and spread of
   routed token representations (X-MoE); :func:`soft_moe_stats`: a Soft MoE layer's
   slot and combine mass, dispatch/combine entropy and specialisation over tokens.
@@ -14,6 +15,7 @@
 """
 
 from analysis.collapse import CollapseStats, effective_rank, representation_collapse
+from analysis.hash_load import hash_expected_load, hash_load_imbalance
 from analysis.metrics import (
     LoadCounter,
     LoadStats,
@@ -46,11 +48,13 @@ __all__ = [
     "Specialisation",
     "coactivation",
     "coefficient_of_variation",
-    "effective_rank",
     "concat_routings",
     "contingency",
+    "effective_rank",
     "frequency_buckets",
     "gini",
+    "hash_expected_load",
+    "hash_load_imbalance",
     "importance",
     "load_stats",
     "mutual_information",

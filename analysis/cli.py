@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -275,9 +276,14 @@ def _compare(args: argparse.Namespace) -> int:
     rows = [_row(n) for n in args.routers] if args.routers else default_rows()
     if len({r.name for r in rows}) != len(rows):
         raise UsageError(f"--routers names a router twice: {','.join(args.routers)}")
+    if args.routers and args.dataset != "all":
+        for row in rows:
+            if args.dataset not in row.datasets:
+                raise UsageError(
+                    f"router {row.name!r} runs on {', '.join(row.datasets)} only, not on "
+                    f"{args.dataset} (see the report's notes on hash rows)"
+                )
     jobs = plan_jobs(rows, datasets)
-    if not jobs:
-        raise UsageError(f"none of {[r.name for r in rows]} runs on {', '.join(datasets)}")
     _check_rows(rows, settings)
     _check_out("compare", args.out, settings, jobs, args.overwrite)
     results = compare(
@@ -322,16 +328,26 @@ def _add_sweep(sub: Any, router: str | None = None) -> None:
 
     default = "noisy-top2"
     chosen = router if router in REGISTRY else default
-    options = REGISTRY[chosen].sweepable()
-    listing = ", ".join(f"{name} (now {o.value!r})" for name, o in options.items()) or "none"
+    row = REGISTRY[chosen]
+    listing = "\n".join(
+        f"  {name:<24} {o.value!r:<10} ({'router' if o.target == 'router' else o.target})"
+        for name, o in row.sweepable().items()
+    )
+    description = textwrap.fill(
+        "Train one router row for every cell of a grid over one or two of its options "
+        "(router or policy options: capacity factor, loss weights, k, bias rate, ...) and "
+        "write sweep.md, sweep.json and sweep.png.",
+        width=88,
+        break_on_hyphens=False,
+    )
     swp = sub.add_parser(
         "sweep",
         help="train one router over a grid of its options; a table and a plot per quantity",
-        description="Train one router row for every cell of a grid over one or two of its "
-        "options (router or policy options: capacity factor, loss weights, k, bias rate, "
-        "...) and write sweep.md, sweep.json and sweep.png. "
-        f"Sweepable options of {chosen}: {listing}. "
-        "(routelab sweep --router NAME --help lists another row's.)",
+        description=description,
+        epilog=f"Sweepable options of {chosen} ({row.configuration()}), now:\n"
+        + (listing or "  (none)")
+        + "\n\nroutelab sweep --router NAME --help lists another row's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     swp.add_argument("--router", default=default, help=f"a compare row name ({default})")
     swp.add_argument(
@@ -389,7 +405,12 @@ def _add_inspect_model(sub: Any) -> None:
         "with the change in next-token loss, expert x domain specialisation.",
     )
     p.add_argument("path", help="checkpoint directory (save_pretrained)")
-    p.add_argument("--text", required=True, help="a text file, or a directory of documents")
+    p.add_argument(
+        "--text",
+        required=True,
+        help="a text file, a directory of documents (domain: first path component), or "
+        "'stdlib' (the standard library's source, domain: its package)",
+    )
     p.add_argument("--out", default="reports/inspect-model", help="report folder")
     p.add_argument("--seq-len", dest="seq_len", type=positive_int, default=128)
     p.add_argument("--max-tokens", dest="max_tokens", type=positive_int, default=4096)

@@ -154,6 +154,8 @@ class RunResult:
     dense: bool
     has_policies: bool
     options: dict[str, Any] = field(default_factory=dict)
+    label_names: list[str] = field(default_factory=list)
+    dataset_info: dict[str, Any] = field(default_factory=dict)
     coactivation: torch.Tensor | None = None
     layer_stats: list[dict[str, Any]] = field(default_factory=list)
 
@@ -313,6 +315,8 @@ def train_and_measure(
         description=row.description,
         configuration=row.configuration(),
         options=dict(row.options),
+        label_names=list(dataset.label_names),
+        dataset_info=dict(dataset.extra),
         unit=dataset.unit,
         metric_name=dataset.metric,
         metric=metric,
@@ -637,15 +641,15 @@ def results_table(rows: Sequence[Mapping[str, Any] | RunResult]) -> str:
     return "\n".join(lines)
 
 
-def configuration_table(rows: Sequence[CompareRow], datasets: Sequence[str]) -> str:
-    """One line per row: its configuration (classes and options) and where it runs."""
+def configuration_table(rows: Mapping[str, Mapping[str, Any]], datasets: Sequence[str]) -> str:
+    """One line per row (``metrics.json["rows"]``): its configuration and where it runs."""
     lines = [
         "| router | configuration | runs on | what it is |",
         "|---|---|---|---|",
     ]
-    for row in rows:
-        where = ", ".join(d for d in datasets if d in row.datasets) or "(none of these)"
-        lines.append(f"| {row.name} | `{row.configuration()}` | {where} | {row.description} |")
+    for name, row in rows.items():
+        where = ", ".join(d for d in datasets if d in row["datasets"]) or "(none of these)"
+        lines.append(f"| {name} | `{row['configuration']}` | {where} | {row['description']} |")
     return "\n".join(lines)
 
 
@@ -659,22 +663,21 @@ def noise_floor(result: RunResult, num_experts: int) -> float:
     return math.sqrt((num_experts - 1) / per_step) if per_step > 0 else 0.0
 
 
-def _detail_choice(results: Sequence[RunResult]) -> tuple[RunResult, str]:
-    few_drops = [r for r in results if r.executed.dropped_fraction < 0.05 and not r.dense]
-    pool = few_drops or list(results)
-    best = max(pool, key=lambda r: r.mutual_information - r.shuffled_mean)
+def detail_choice(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """The row that gets the detail plots (``metrics.json`` rows) and why, in a sentence."""
+    sparse = [r for r in rows if not r["dense"]] or list(rows)
+    few_drops = [r for r in sparse if r["executed"]["dropped_fraction"] < 0.05] or sparse
+    best = max(few_drops, key=lambda r: r["mutual_information"] - r["shuffled_mean"])
     why = (
-        f"{best.router} gets the detail plots: the largest I(expert; label) above its chance "
-        "level among the rows that drop under 5% of their entries (a row that drops many "
-        "entries can look specialised by what it drops)."
+        f"Detail plots: {best['router']}, the row with the largest I(expert; label) above its "
+        "chance level among the sparse rows that drop under 5% of their entries (a row that "
+        "drops many entries can look specialised by what it drops)."
     )
-    return best, why
+    return best["router"], why
 
 
-def _write_plots(
-    out: Path, dataset: Dataset, results: Sequence[RunResult], settings: CompareSettings
-) -> tuple[list[str], str]:
-    name = dataset.name
+def _write_plots(out: Path, results: Sequence[RunResult], settings: CompareSettings) -> list[str]:
+    name, unit, label_names = results[0].dataset, results[0].unit, results[0].label_names
     files = []
     loads = {r.router: r.executed.load for r in results}
     files.append(
@@ -702,7 +705,7 @@ def _write_plots(
         plots.plot_heatmap_grid(
             {f"{r.router} (I={r.mutual_information:.2f})": r.table for r in results},
             out / f"{name}_experts_x_labels.png",
-            title=f"{name}: expert x label on held-out {dataset.unit}s (rows: share of each expert's entries)",
+            title=f"{name}: expert x label on held-out {unit}s (rows: share of each expert's entries)",
             xlabel="label",
         )
     )
@@ -717,13 +720,14 @@ def _write_plots(
                 ylabel="layer-1 expert",
             )
         )
-    best, why = _detail_choice(results)
+    name_best, _ = detail_choice([r.to_dict() for r in results])
+    best = next(r for r in results if r.router == name_best)
     files.append(
         plots.plot_heatmap(
             best.table,
             out / f"{name}_detail_experts_x_labels.png",
             title=f"{name} / {best.router}: expert x label (I = {best.mutual_information:.3f})",
-            xticklabels=dataset.label_names,
+            xticklabels=label_names,
         )
     )
     if best.coactivation is not None:
@@ -734,7 +738,7 @@ def _write_plots(
                 title=f"{name} / {best.router}: layer-1 x layer-2 co-activation",
             )
         )
-    return [str(Path(f).relative_to(out)) for f in files], why
+    return [str(Path(f).relative_to(out)) for f in files]
 
 
 # ---------------------------------------------------------------------- compare
@@ -780,10 +784,7 @@ def compare(
         results[result.dataset].append(result)
     results = {name: rs for name, rs in results.items() if rs}
     _clear_previous_run(out)
-    plot_files: dict[str, list[str]] = {}
-    detail_reason: dict[str, str] = {}
-    for name, rs in results.items():
-        plot_files[name], detail_reason[name] = _write_plots(out, settings.load(name), rs, settings)
+    plot_files = {name: _write_plots(out, rs, settings) for name, rs in results.items()}
     metrics = {
         "settings": settings.to_dict(),
         "workers": min(workers, len(jobs)),
@@ -791,16 +792,20 @@ def compare(
         "cpu_seconds": sum(r.cpu_seconds for r in flat),
         "cpu_seconds_with_start_up": cpu_total,
         "rows": {
-            row.name: {"configuration": row.configuration(), "description": row.description}
+            row.name: {
+                "configuration": row.configuration(),
+                "description": row.description,
+                "datasets": list(row.datasets),
+            }
             for row in rows
         },
         "datasets": {
-            name: {"info": settings.load(name).extra, "results": [r.to_dict() for r in rs]}
+            name: {"info": rs[0].dataset_info, "results": [r.to_dict() for r in rs]}
             for name, rs in results.items()
         },
         "plots": plot_files,
     }
-    report = report_markdown(metrics, rows, detail_reason)
+    report = report_markdown(metrics)
     files: dict[str, str | bytes] = {p: b"" for ps in plot_files.values() for p in ps}
     files["metrics.json"] = json.dumps(metrics, indent=1) + "\n"
     files["report.md"] = report
@@ -841,11 +846,16 @@ def _summary(name: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
         changed = [r for r in sparse if r["has_policies"]]
         if changed:
             gap = max(changed, key=lambda r: r["chosen"]["cv_load"] - r["executed"]["cv_load"])
+            dropped = gap["executed"]["dropped_fraction"]
             out.append(
                 f"- Policies: {gap['router']}'s policy moves CV(load) the most, from "
                 f"{gap['chosen']['cv_load']:.3f} (router's choice) to "
-                f"{gap['executed']['cv_load']:.3f} (executed), dropping "
-                f"{100 * gap['executed']['dropped_fraction']:.1f}% of the entries."
+                f"{gap['executed']['cv_load']:.3f} (executed)"
+                + (
+                    f", dropping {100 * dropped:.1f}% of the entries."
+                    if dropped
+                    else ", dropping nothing."
+                )
             )
     spec = max(rows, key=lambda r: r["mutual_information"] - r["shuffled_mean"])
     at_chance = [r["router"] for r in rows if chance_margin(r)]
@@ -892,10 +902,8 @@ item every expert, so its load is even by construction).
 """
 
 
-def report_markdown(
-    metrics: Mapping[str, Any], rows: Sequence[CompareRow], detail_reason: Mapping[str, str]
-) -> str:
-    """The report of a compare run, from its ``metrics.json`` content."""
+def report_markdown(metrics: Mapping[str, Any]) -> str:
+    """The report of a compare run, from its ``metrics.json`` content alone."""
     s = metrics["settings"]
     datasets = list(metrics["datasets"])
     lines = [
@@ -912,7 +920,7 @@ def report_markdown(
         "",
         "## Rows",
         "",
-        configuration_table(rows, datasets),
+        configuration_table(metrics["rows"], datasets),
         "",
         "Hash rows run on tokens only: a digit image's only id is its index in the data set, "
         "which tells nothing about a held-out image (every table would be a random one).",
@@ -947,7 +955,7 @@ def report_markdown(
             "",
             f"![experts x labels]({name}_experts_x_labels.png)",
             "",
-            detail_reason.get(name, ""),
+            detail_choice(results)[1],
             "",
         ]
         lines += [f"![{p}]({p})" for p in plot_files if "detail" in p or "coactivation" in p]
@@ -1009,26 +1017,26 @@ def sweep(
     results = run_jobs(jobs, settings, workers=workers, progress=progress)
     cells = [{"options": opts, **_cell(r)} for opts, r in zip(cells_options, results)]
     _clear_previous_run(out)
-    data = settings.load(dataset)
+    metric_name, unit = results[0].metric_name, results[0].unit
     plots.plot_sweep(
         grid,
         cells,
         out / "sweep.png",
-        quantities={k: v.replace("task metric", data.metric) for k, v in SWEEP_QUANTITIES.items()},
+        quantities={k: v.replace("task metric", metric_name) for k, v in SWEEP_QUANTITIES.items()},
         title=f"sweep: {router} on {dataset}",
     )
     lines = [
         f"# routelab sweep: {router} on {dataset}",
         "",
         f"`{row.configuration()}`, varying {', '.join(keys)}; {settings.steps} steps of "
-        f"{settings.batch_size} {data.unit}s per cell. Columns as in `routelab compare`'s "
+        f"{settings.batch_size} {unit}s per cell. Columns as in `routelab compare`'s "
         "report (chosen: the router's choice; executed: after the policies; last half of "
         "training).",
         "",
         "![sweep](sweep.png)",
         "",
     ]
-    titles = dict(SWEEP_QUANTITIES, metric=f"task metric ({data.metric})")
+    titles = dict(SWEEP_QUANTITIES, metric=f"task metric ({metric_name})")
     for quantity, title in titles.items():
         lines += [f"## {title}", ""]
         head = [f"{rows_key} \\ {cols_key}" if cols_key else rows_key]
@@ -1080,3 +1088,69 @@ def _cell(result: RunResult) -> dict[str, float]:
         "mutual_information": result.mutual_information,
         "shuffled_mean": result.shuffled_mean,
     }
+
+
+# ---------------------------------------------------------------------- README tables
+README_ROWS = (
+    "top2",
+    "noisy-top2",
+    "noisy-top2-noloss",
+    "switch-cf1.0",
+    "switch-cf2.0",
+    "expert-choice",
+    "base",
+    "top2-lossfree",
+    "hash-balanced",
+    "hash-clustered",
+)
+README_BEGIN = "<!-- begin compare tables: generated from docs/report/metrics.json -->"
+README_END = "<!-- end compare tables -->"
+
+
+def readme_block(metrics: Mapping[str, Any]) -> str:
+    """The README's excerpt of a committed report: per data set, the ``README_ROWS`` rows
+    of its table, with the run's size and time (between the README markers)."""
+    s = metrics["settings"]
+    lines = [
+        README_BEGIN,
+        "<!-- regenerate: routelab compare --out docs/report --overwrite, then "
+        "python -m analysis.compare readme docs/report -->",
+        "",
+        f"From the committed report [docs/report/report.md](docs/report/report.md) (d = "
+        f"{s['d_model']}, E = {s['num_experts']}, {s['steps']} steps of {s['batch_size']}, seed "
+        f"{s['seed']}; {sum(len(d['results']) for d in metrics['datasets'].values())} runs on "
+        f"{metrics['workers']} worker processes in {metrics['wall_seconds']:.0f} s). "
+        "Columns are explained in the report.",
+    ]
+    for name, data in metrics["datasets"].items():
+        rows = [r for r in data["results"] if r["router"] in README_ROWS]
+        lines += [
+            "",
+            f"{name} ({len(rows)} of the report's {len(data['results'])} rows):",
+            "",
+            results_table(rows),
+        ]
+    lines += ["", README_END]
+    return "\n".join(lines)
+
+
+def update_readme(readme: str | Path, report: str | Path) -> bool:
+    """Rewrite the README's generated block from ``report/metrics.json``; True if changed."""
+    readme, metrics_path = Path(readme), Path(report) / "metrics.json"
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_BEGIN!r} ... {README_END!r} block")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    new = head + readme_block(json.loads(metrics_path.read_text())) + tail
+    readme.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m analysis.compare readme REPORT_DIR [README]
+    import sys
+
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "readme":
+        sys.exit("usage: python -m analysis.compare readme REPORT_DIR [README.md]")
+    changed = update_readme(sys.argv[3] if len(sys.argv) == 4 else "README.md", sys.argv[2])
+    print("README updated" if changed else "README already in step")

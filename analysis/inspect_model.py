@@ -20,7 +20,9 @@ It writes ``report.md``, ``metrics.json`` and PNG plots (per-layer load heatmap,
 curve against the capacity factor, expert x domain heatmaps, co-activation).
 
 Text: ``--text FILE`` is one document; ``--text DIR`` every UTF-8 text file under DIR
-(sorted), labelled by its first path component. Each document is tokenised and cut into
+(sorted), labelled by its first path component; ``--text stdlib`` the files of
+:func:`routelab.corpus.stdlib_files` (the standard library without tests and
+third-party packages), labelled by their top-level package or module. Each document is tokenised and cut into
 windows of ``seq_len`` tokens (the last one shorter); windows are taken from the labels
 in turn until ``max_tokens`` are read, so every domain is represented.
 """
@@ -42,7 +44,6 @@ from torch import nn
 from analysis import plots
 from analysis.counterfactual import (
     CapacityDrop,
-    capacity_drops,
     layer_counterfactuals,
     model_table,
     sum_drops,
@@ -94,7 +95,15 @@ class TextWindows:
         return sum(int(w.numel()) for w in self.windows)
 
 
+STDLIB = "stdlib"
+
+
 def _documents(path: Path) -> list[tuple[str, Path]]:
+    if str(path) == STDLIB and not path.exists():
+        from routelab.corpus import _stdlib_root, stdlib_files
+
+        root = Path(_stdlib_root())
+        return [(Path(name).parts[0].removesuffix(".py"), root / name) for name in stdlib_files()]
     if path.is_file():
         return [(path.name, path)]
     if not path.is_dir():
@@ -217,10 +226,10 @@ def inspect_model(
     """Inspect ``model`` (a checkpoint directory or a loaded model with its ``tokenizer``)
     on ``text`` (a file, a directory, or prepared :class:`TextWindows` with per-token
     labels). Writes the report into ``out`` when given; returns the metrics dict."""
-    from routelab.hf import RoutingCapture, next_token_loss, require_transformers, swap_router
+    from routelab.hf import RoutingCapture, require_transformers
 
     settings = settings or InspectSettings()
-    started = time.perf_counter()
+    clock = _Clock()
     model, tokenizer = _load(model, tokenizer)
     model.eval()
     data = (
@@ -228,101 +237,46 @@ def inspect_model(
         if isinstance(text, TextWindows)
         else read_text(text, tokenizer, seq_len=settings.seq_len, max_tokens=settings.max_tokens)
     )
+    clock.lap("load")
     num_labels = max(
         1, len(data.label_names) or int(max(int(lab.max()) for lab in data.labels)) + 1
     )
-
     capture = RoutingCapture(model)
-    names = capture.names
     recorder = RoutingRecorder(
-        model, num_labels=num_labels, layers=list(zip(names, capture.num_experts))
+        model, num_labels=num_labels, layers=list(zip(capture.names, capture.num_experts))
     )
     capture.on_routing = lambda record: recorder.record(record.layer, record.routing)
-    labels_per_layer: list[list[torch.Tensor]] = [[] for _ in names]
-    forward_started = time.perf_counter()
+    labels_per_layer: list[list[torch.Tensor]] = [[] for _ in capture.names]
     try:
         with torch.no_grad():
             loss = _loss_with_labels(model, data, recorder, capture, labels_per_layer)
     finally:
         capture.remove()
         recorder.remove()
-    forward_seconds = time.perf_counter() - forward_started
-
-    layers: list[dict[str, Any]] = []
-    per_layer_cf = []
-    tables = {}
-    for i, name in enumerate(names):
-        records = capture.layers[i]
-        cf = layer_counterfactuals(
-            records, factors=settings.capacity_factors, bias_steps=settings.bias_steps
+    clock.lap("forward_with_capture")
+    layers, per_layer_cf = [], []
+    for i, name in enumerate(capture.names):
+        layer, cf = _layer_metrics(
+            name, capture.layers[i], recorder, i, torch.cat(labels_per_layer[i]), settings
         )
+        layers.append(layer)
         per_layer_cf.append(cf)
-        routing = concat_routings([r.routing for r in records])
-        labels = torch.cat(labels_per_layer[i])
-        spec_i = specialisation(recorder.table(i))
-        tables[name] = spec_i.table
-        layers.append(
-            {
-                "name": name,
-                "num_experts": routing.num_experts,
-                "k": records[0].k,
-                "tokens": routing.num_tokens,
-                "spec_agreement": min(r.spec_agreement for r in records),
-                "load_stats": recorder.stats(i).to_dict(),
-                "load": routing.load().tolist(),
-                "capacity": [row.to_dict() for row in cf["capacity"]],
-                "balanced": cf["balanced"].to_dict(),
-                "specialisation": {
-                    **spec_i.to_dict(),
-                    "shuffled_mutual_information": shuffled_baseline(
-                        routing, labels, num_labels, seed=settings.seed
-                    ),
-                    "expert_label_table": spec_i.table.tolist(),
-                },
-                "drop_curve": [
-                    row.to_dict() for row in capacity_drops(records, settings.curve_factors)
-                ],
-            }
-        )
     coact = {}
-    for i in range(len(names) - 1):
-        a = concat_routings([r.routing for r in capture.layers[i]])
-        b = concat_routings([r.routing for r in capture.layers[i + 1]])
+    for i in range(len(capture.names) - 1):
+        a = concat_routings(capture.routings(i))
+        b = concat_routings(capture.routings(i + 1))
         if a.num_tokens == b.num_tokens:
-            coact[f"{names[i]} -> {names[i + 1]}"] = coactivation(a, b).tolist()
-
-    swaps: list[dict[str, Any]] = []
-    if settings.swaps:
-        stream = torch.cat(data.windows)
-        vocab = int(getattr(model.config, "vocab_size", int(stream.max()) + 1))
-        first = capture.layers[0][0]
-        targets: list[Any] = [*range(len(names)), "all"]
-        for swap_name, replacement in default_swaps(
-            first.k, first.chosen.num_experts, stream, vocab
-        ):
-            for target in targets:
-                row: dict[str, Any] = {
-                    "replacement": swap_name,
-                    "layer": target if target == "all" else names[target],
-                }
-                try:
-                    with swap_router(model, target, replacement) as used:
-                        swapped = next_token_loss(model, data.windows)
-                except ValueError as error:
-                    row.update(loss=None, delta=None, error=str(error))
-                else:
-                    row.update(loss=swapped, delta=swapped - loss, calls=len(used))
-                swaps.append(row)
-
-    transformers = require_transformers()
-    total_seconds = time.perf_counter() - started
+            coact[f"{capture.names[i]} -> {capture.names[i + 1]}"] = coactivation(a, b).tolist()
+    clock.lap("counterfactuals")
+    swaps = _swaps(model, data, capture, loss) if settings.swaps else []
+    clock.lap("swaps")
     metrics = {
         "model": {
             "class": type(model).__name__,
             "model_type": model.config.model_type,
             "router_class": capture.spec.router_class,
             "semantics": capture.spec.notes,
-            "transformers": transformers.__version__,
+            "transformers": require_transformers().__version__,
             "path": str(getattr(model, "name_or_path", "")),
         },
         "tokens": data.num_tokens,
@@ -334,15 +288,99 @@ def inspect_model(
         "drop_curve": _model_curve(layers),
         "coactivation": coact,
         "swaps": swaps,
-        "timing": {
-            "forward_seconds_per_1000_tokens": 1000 * forward_seconds / max(data.num_tokens, 1),
-            "total_seconds_per_1000_tokens": 1000 * total_seconds / max(data.num_tokens, 1),
-            "total_seconds": total_seconds,
-        },
+        "timing": clock.per_1000(data.num_tokens),
     }
     if out is not None:
-        write_report(metrics, out, tables)
+        write_report(metrics, out)
+        metrics["timing"] = clock.per_1000(data.num_tokens, "report")
+        (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+class _Clock:
+    """Seconds per phase of one inspection."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = now - self.last
+        self.last = now
+
+    def per_1000(self, tokens: int, final: str | None = None) -> dict[str, float]:
+        if final is not None:
+            self.lap(final)
+        total = time.perf_counter() - self.start
+        scale = 1000 / max(tokens, 1)
+        out = {f"{name}_seconds_per_1000_tokens": s * scale for name, s in self.phases.items()}
+        return {**out, "total_seconds_per_1000_tokens": total * scale, "total_seconds": total}
+
+
+def _layer_metrics(
+    name: str,
+    records: Sequence[Any],
+    recorder: RoutingRecorder,
+    index: int,
+    labels: torch.Tensor,
+    settings: InspectSettings,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics of one layer, and its counterfactuals (for the whole-model table)."""
+    factors = tuple(sorted({*settings.capacity_factors, *settings.curve_factors}))
+    cf = layer_counterfactuals(records, factors=factors, bias_steps=settings.bias_steps)
+    curve = cf["capacity"]
+    cf = {**cf, "capacity": [r for r in curve if r.capacity_factor in settings.capacity_factors]}
+    routing = concat_routings([r.routing for r in records])
+    table = recorder.table(index)
+    spec = specialisation(table)
+    num_labels = table.shape[1]
+    layer = {
+        "name": name,
+        "num_experts": routing.num_experts,
+        "k": records[0].k,
+        "tokens": routing.num_tokens,
+        "spec_agreement": min(r.spec_agreement for r in records),
+        "load_stats": recorder.stats(index).to_dict(),
+        "load": routing.load().tolist(),
+        "capacity": [row.to_dict() for row in cf["capacity"]],
+        "balanced": cf["balanced"].to_dict(),
+        "specialisation": {
+            **spec.to_dict(),
+            "shuffled_mutual_information": shuffled_baseline(
+                routing, labels, num_labels, seed=settings.seed
+            ),
+            "expert_label_table": spec.table.tolist(),
+        },
+        "drop_curve": [row.to_dict() for row in curve],
+    }
+    return layer, cf
+
+
+def _swaps(model: nn.Module, data: TextWindows, capture: Any, loss: float) -> list[dict]:
+    """Every default swap in every layer alone and in all layers: the change in loss."""
+    from routelab.hf import next_token_loss, swap_router
+
+    stream = torch.cat(data.windows)
+    vocab = int(getattr(model.config, "vocab_size", int(stream.max()) + 1))
+    first = capture.layers[0][0]
+    targets: list[Any] = [*range(len(capture.names)), "all"]
+    rows: list[dict[str, Any]] = []
+    for swap_name, replacement in default_swaps(first.k, first.chosen.num_experts, stream, vocab):
+        for target in targets:
+            row: dict[str, Any] = {
+                "replacement": swap_name,
+                "layer": target if target == "all" else capture.names[target],
+            }
+            try:
+                with swap_router(model, target, replacement) as used:
+                    swapped = next_token_loss(model, data.windows)
+            except ValueError as error:
+                row.update(loss=None, delta=None, error=str(error))
+            else:
+                row.update(loss=swapped, delta=swapped - loss, calls=len(used))
+            rows.append(row)
+    return rows
 
 
 def _loss_with_labels(
@@ -399,12 +437,14 @@ def _num(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def write_report(metrics: dict[str, Any], out: str | os.PathLike[str], tables: dict) -> Path:
-    """Write ``report.md``, ``metrics.json`` and the plots into ``out``; returns it."""
+def write_report(metrics: dict[str, Any], out: str | os.PathLike[str]) -> Path:
+    """Write ``report.md``, ``metrics.json`` and the plots of :func:`inspect_model`'s
+    metrics into ``out``; returns it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     layers = metrics["layers"]
+    tables = {layer["name"]: layer["specialisation"]["expert_label_table"] for layer in layers}
     width = max(layer["num_experts"] for layer in layers)
     relative = torch.full((len(layers), width), float("nan"))
     for i, layer in enumerate(layers):
@@ -451,7 +491,8 @@ def write_report(metrics: dict[str, Any], out: str | os.PathLike[str], tables: d
         f"{metrics['tokens']} tokens in {metrics['windows']} windows; next-token loss "
         f"{metrics['loss']:.4f} nats. Inspect time "
         f"{metrics['timing']['total_seconds_per_1000_tokens']:.2f} s per 1000 tokens "
-        f"(forward with capture {metrics['timing']['forward_seconds_per_1000_tokens']:.3f} s).",
+        f"(forward with capture "
+        f"{metrics['timing']['forward_with_capture_seconds_per_1000_tokens']:.3f} s).",
         "",
         "## Balance per layer",
         "",
@@ -560,8 +601,8 @@ def run_cli(args: Any, usage_error: type[Exception]) -> int:
     path, text = Path(args.path), Path(args.text)
     if not (path / "config.json").is_file():
         raise usage_error(f"{path} is not a checkpoint directory (no config.json in it)")
-    if not text.exists():
-        raise usage_error(f"--text {text} does not exist")
+    if not text.exists() and str(text) != STDLIB:
+        raise usage_error(f"--text {text} does not exist (or use --text {STDLIB})")
     if args.seq_len < 2 or args.max_tokens < 2:
         raise usage_error("--seq-len and --max-tokens must be >= 2")
     try:

@@ -26,7 +26,10 @@ Methods, trained phase after phase from the same seed and batches:
   new data (for digits: on the classes seen before);
 - ``lifelong-moe-noreg``: the same without the regulariser;
 - ``lifelong-moe-replay``: the same with the regulariser and a replay buffer of
-  ``replay_size`` training examples per earlier phase, mixed into every batch.
+  ``replay_size`` training examples per earlier phase, mixed into every batch
+  (``replay_fraction`` of it);
+- ``moe-replay``: the fixed MoE fine-tuned with the same replay buffer (what replay
+  alone does, without growth, freezing or the regulariser).
 
 After every phase each model is evaluated on every distribution: ``R[i][j]`` is the
 quality on distribution j after training phase i. Reported per method (Chaudhry et al.
@@ -93,7 +96,14 @@ __all__ = [
 ]
 
 STREAMS = ("stdlib", "digits")
-METHODS = ("dense", "moe-finetune", "lifelong-moe", "lifelong-moe-noreg", "lifelong-moe-replay")
+METHODS = (
+    "dense",
+    "moe-finetune",
+    "lifelong-moe",
+    "lifelong-moe-noreg",
+    "lifelong-moe-replay",
+    "moe-replay",
+)
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "text": (
@@ -182,8 +192,9 @@ def _family_files(files: Sequence[str], prefixes: Sequence[str]) -> list[str]:
     return [f for f in files if any(f == p or f.startswith(p) for p in prefixes)]
 
 
-def _family_tokens(prefixes: Sequence[str], root: str) -> list[str]:
-    """Every token of the family's files, in path order (undecodable files skipped)."""
+def _family_tokens(prefixes: Sequence[str], root: str, cap: int | None = None) -> list[str]:
+    """The tokens of the family's files, in path order (undecodable files skipped);
+    reading stops once ``cap`` tokens are read (quick runs)."""
     tokens: list[str] = []
     for name in _family_files(stdlib_files(root), prefixes):
         try:
@@ -191,6 +202,8 @@ def _family_tokens(prefixes: Sequence[str], root: str) -> list[str]:
                 tokens += tokenize(f.read())
         except (UnicodeDecodeError, OSError):
             continue
+        if cap is not None and len(tokens) >= cap:
+            break
     return tokens
 
 
@@ -208,7 +221,8 @@ def _stdlib_stream(settings: LifelongSettings) -> Stream:
     root = sysconfig.get_paths()["stdlib"]
     texts = {}
     for family, prefixes in FAMILIES.items():
-        tokens = _family_tokens(prefixes, root)
+        cap = 10 * settings.tokens_per_family if settings.quick else None
+        tokens = _family_tokens(prefixes, root, cap)
         chunks = _spread_chunks(len(tokens), settings.tokens_per_family)
         texts[family] = [tokens[a:b] for a, b in chunks]
     counts: dict[str, int] = {}
@@ -400,7 +414,7 @@ def run_method(stream: Stream, method: str, settings: LifelongSettings) -> Metho
     initial = [evaluate(model, ph, hib) for ph in stream.phases]
     lifelong = method.startswith("lifelong")
     regularise = lifelong and method != "lifelong-moe-noreg"
-    replay = method == "lifelong-moe-replay"
+    replay = method.endswith("-replay")
     gen = torch.Generator().manual_seed(settings.seed + 7)
     buffer: list[Batch] = []
     matrix, parameters = [], []
@@ -415,10 +429,10 @@ def run_method(stream: Stream, method: str, settings: LifelongSettings) -> Metho
         optimiser = torch.optim.Adam(trainable, lr=settings.lr)
         model.train()
         replay_n = int(settings.replay_fraction * settings.batch_size) if buffer else 0
+        pool = _cat(buffer) if buffer else None
         for _ in range(settings.steps_per_phase):
             batch = phase.train(gen, settings.batch_size - replay_n)
-            if replay_n:
-                pool = _cat(buffer)
+            if pool is not None and replay_n:
                 pick = torch.randint(pool.targets.shape[0], (replay_n,), generator=gen)
                 batch = _cat(
                     [batch, Batch(*(getattr(pool, f)[pick] for f in Batch.__dataclass_fields__))]

@@ -1,8 +1,9 @@
 """``RoutingRecorder``: streaming routing statistics of every MoE layer of a model.
 
-The recorder registers a forward hook on each :class:`routelab.MoE` inside a model
-and accumulates, per layer, counts whose size does not depend on how many tokens
-were seen:
+The recorder registers a forward hook on each :class:`routelab.MoE` (and each
+:class:`routelab.soft_moe.SoftMoE`, through the token-level combine-mass view of its
+output's ``routing``) inside a model and accumulates, per layer, counts whose size does
+not depend on how many tokens were seen:
 
 - load, importance, dropped entries and capacity slots (``O(E)``), for
   :class:`~analysis.metrics.LoadStats` over everything seen and over the current step,
@@ -32,6 +33,7 @@ from analysis.specialisation import Specialisation, expert_indicator, specialisa
 from analysis.validation import as_labels, require_choice, require_int
 from routelab.moe import MoE
 from routelab.routing import Routing, _require_int
+from routelab.soft_moe import SoftMoE
 
 __all__ = ["RoutingRecorder"]
 
@@ -110,7 +112,7 @@ class RoutingRecorder:
         for name, num_experts in layers or ():  # layers recorded by hand (record())
             self._layers.append(_Layer(name, _require_int("num_experts", num_experts, 1)))
         for name, module in model.named_modules() if layers is None else ():
-            if isinstance(module, MoE):
+            if isinstance(module, (MoE, SoftMoE)):
                 index = len(self._layers)
                 self._layers.append(_Layer(name or "moe", module.num_experts))
                 self._handles.append(module.register_forward_hook(self._hook_for(index)))

@@ -12,7 +12,8 @@ tokens of each slot) and C (combine, softmax over the slots of each token), both
   averages every token of its group evenly, 0: it copies one token).
 - ``combine_entropy``: the mean over tokens of ``H(C[t, :]) / log n``.
 - ``expert_rows_per_token``: expert FFN rows per token, ``G * n / T = E * p / S`` (a
-  top-k layer runs k).
+  top-k layer runs k). Padded positions of an incomplete last group (``group_size``)
+  are not tokens: they carry no combine weight.
 - with labels: ``table [E, L]``, the dispatch mass each expert's slots draw from tokens
   of each label (specialisation over tokens), and ``mutual_information`` of that table.
 """
@@ -89,9 +90,10 @@ def soft_moe_stats(
     groups, tokens, experts, slots = dispatch.shape
     d = dispatch.detach().to("cpu", torch.float64)
     c = combine.detach().to("cpu", torch.float64)
-    total_tokens = groups * tokens
     flat_d = d.reshape(groups, tokens, experts * slots)
-    flat_c = c.reshape(groups, tokens, experts * slots)
+    flat_c = c.reshape(groups * tokens, experts * slots)
+    real = flat_c.sum(dim=1) > 0.5  # padded positions (group_size) have no combine weight
+    total_tokens = int(real.sum())
     combine_mass = c.sum(dim=(0, 1, 3))
     table = mi = None
     if labels is not None:
@@ -104,7 +106,7 @@ def soft_moe_stats(
         width = width if num_labels is None else num_labels
         if labels.numel() and int(labels.max()) >= width:
             raise ValueError(f"labels must be < num_labels = {width}")
-        per_token = d.sum(dim=3).reshape(total_tokens, experts)  # [T, E] dispatch mass
+        per_token = d.sum(dim=3).reshape(groups * tokens, experts)[real]  # [T, E] dispatch mass
         table = torch.zeros(experts, width, dtype=torch.float64)
         table.index_add_(1, labels, per_token.T)
         mi = mutual_information(table)
@@ -113,7 +115,7 @@ def soft_moe_stats(
         combine_mass=combine_mass,
         cv_combine_mass=coefficient_of_variation(combine_mass),
         dispatch_entropy=_mean_normalised_entropy(flat_d, 1),
-        combine_entropy=_mean_normalised_entropy(flat_c, 2),
+        combine_entropy=_mean_normalised_entropy(flat_c[real], 1),
         expert_rows_per_token=groups * experts * slots / total_tokens if total_tokens else 0.0,
         table=table,
         mutual_information=mi,

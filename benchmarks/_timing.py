@@ -19,16 +19,24 @@ sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != _HERE]
 
 
 def time_side_by_side(
-    variants: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1
+    variants: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
-    """Median wall time of each variant; runs are interleaved so machine noise hits all alike."""
+    """Median time of each variant; runs are interleaved so machine noise hits all alike.
+
+    ``clock`` is wall time by default; ``time.thread_time`` (the CPU time of this thread)
+    is steadier on a machine shared with other jobs, for single-threaded runs.
+    """
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return {name: statistics.median(times) for name, times in samples.items()}

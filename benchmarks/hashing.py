@@ -22,6 +22,7 @@ import time
 import torch
 from _timing import time_side_by_side  # first: it keeps benchmarks/ off sys.path
 
+from analysis import hash_load_imbalance
 from routelab import FFNExperts, validation
 from routelab.corpus import load_stdlib_corpus
 from routelab.routers import HashRouter, TopKGate
@@ -69,7 +70,7 @@ def bench_fit(tokens: int, vocab: int, experts: int) -> None:
         start = time.perf_counter()
         router = HashRouter.fit(strategy, experts, d_model=8, **kwargs)
         seconds = time.perf_counter() - start
-        imbalance = router.load_imbalance(counts)
+        imbalance = hash_load_imbalance(router, counts)
         print(f"  {strategy:10s} fit {seconds:7.2f} s   max/mean expected load {imbalance:6.3f}")
     heaviest = float(counts.max()) / (float(counts.sum()) / experts)
     print(f"  (lower bound on max/mean: heaviest token / mean load = {max(1.0, heaviest):.3f})")

@@ -18,8 +18,10 @@ from routelab.experts import FFNExperts
 from routelab.moe import MoE
 from routelab.policies import Policy
 from routelab.router import Router
+from routelab.routers.moe_plus_plus import link_gating_residuals
 from routelab.routers.topk import TopKGate
 from routelab.routing import Routing, _require_int
+from routelab.soft_moe import SoftMoE
 
 __all__ = ["DeepMoE", "DeepMoEOutput", "build_deep_moe"]
 
@@ -61,9 +63,11 @@ class DeepMoE(nn.Module):
         residual: add each MoE layer's input to its output (off, as in the paper). With a
             capacity or pausing policy, turn it on: a dropped token then passes through
             unchanged instead of becoming a zero vector.
-        make_layer: ``layer index -> MoE`` of width ``d_model`` with ``num_experts``
-            experts, built by the caller (e.g. from a registry entry); replaces
-            ``make_router``, ``make_policies`` and ``d_hidden``.
+        make_layer: ``layer index -> MoE`` (or ``SoftMoE``) of width ``d_model`` with
+            ``num_experts`` experts, built by the caller (e.g. from a registry entry);
+            replaces ``make_router``, ``make_policies`` and ``d_hidden``. MoE++ gates of
+            consecutive layers are linked for gating residuals
+            (``routelab.routers.moe_plus_plus.link_gating_residuals``).
     """
 
     def __init__(
@@ -101,13 +105,14 @@ class DeepMoE(nn.Module):
         layers = []
         for i in range(num_layers):
             layer = (make_layer or default_layer)(i)
-            if not isinstance(layer, MoE) or layer.num_experts != num_experts:
+            if not isinstance(layer, (MoE, SoftMoE)) or layer.num_experts != num_experts:
                 raise ValueError(
-                    f"make_layer({i}) must return an MoE with num_experts = {num_experts}, "
-                    f"got {layer!r:.80}"
+                    f"make_layer({i}) must return an MoE (or SoftMoE) with num_experts = "
+                    f"{num_experts}, got {layer!r:.80}"
                 )
             layers.append(layer)
         self.layers = nn.ModuleList(layers)
+        link_gating_residuals(self.layers)  # MoE++ gates of consecutive layers
         self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> DeepMoEOutput:

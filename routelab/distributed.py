@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from routelab.experts import ExpertDispatch, FFNExperts
+from routelab.experts import ExpertDispatch, Experts, ExpertSegments
 from routelab.moe import (
     MoE,
     MoEOutput,
@@ -51,7 +51,8 @@ from routelab.moe import (
 )
 from routelab.policies import Policy, policy_list
 from routelab.replay import run_router
-from routelab.router import Router, check_router_input
+from routelab.router import Router
+from routelab.routers.base_layer import BalancedAssignmentRouter
 from routelab.routing import Routing
 
 __all__ = [
@@ -68,8 +69,6 @@ __all__ = [
 ]
 
 ASSIGNMENT_MODES = ("per_rank", "global")
-
-_EXPERT_PARAMS = ("w_in", "w_out", "w_gate", "b_in", "b_out")
 
 
 # ---------------------------------------------------------------------- group helpers
@@ -181,41 +180,32 @@ def all_gather_rows(x: Tensor, group: dist.ProcessGroup | None = None) -> tuple[
 
 
 # ---------------------------------------------------------------------- expert shards
-def shard_experts(experts: FFNExperts, rank: int, world_size: int) -> FFNExperts:
-    """The shard of a full ``FFNExperts(E, d, h)`` held by ``rank``: ``FFNExperts(E/W, d, h)``.
-
-    Its weights are copies of the global experts ``expert_range(E, rank, world_size)``
-    (``w_in[E/W, d, h]`` = ``experts.w_in[lo:hi]``, and so on), on the same device and
-    dtype. Use it to build the shards from one seeded model in tests, or to load a
-    single-process checkpoint into an expert-parallel model.
+def shard_experts(experts: Experts, rank: int, world_size: int) -> Experts:
+    """The shard of full experts ``(E, ...)`` held by ``rank``: the experts
+    ``expert_range(E, rank, world_size)``, copied by the experts themselves
+    (:meth:`routelab.experts.Experts.select_experts`: every per-expert tensor, a parameter
+    added later included), on the same device and dtype. Use it to build the shards from
+    one seeded model in tests, or to load a single-process checkpoint into an
+    expert-parallel model.
     """
-    if not isinstance(experts, FFNExperts):
-        raise TypeError(f"experts must be an FFNExperts, got {type(experts).__name__}")
-    ids = expert_range(experts.num_experts, rank, world_size)
-    shard = experts.with_num_experts(len(ids))
-    with torch.no_grad():
-        for name in _EXPERT_PARAMS:
-            full = getattr(experts, name)
-            if full is not None:
-                getattr(shard, name).copy_(full[ids.start : ids.stop])
-    return shard
+    if not isinstance(experts, Experts):
+        raise TypeError(f"experts must be a routelab Experts, got {type(experts).__name__}")
+    return experts.select_experts(expert_range(experts.num_experts, rank, world_size))
 
 
-def gather_experts(shard: FFNExperts, group: dist.ProcessGroup | None = None) -> FFNExperts:
-    """The inverse of :func:`shard_experts`: every rank's shard, all-gathered into one
-    ``FFNExperts(E, d, h)`` (on every rank; e.g. to save a single-process checkpoint)."""
-    if not isinstance(shard, FFNExperts):
-        raise TypeError(f"shard must be an FFNExperts, got {type(shard).__name__}")
+def gather_experts(shard: Experts, group: dist.ProcessGroup | None = None) -> Experts:
+    """The inverse of :func:`shard_experts`: every rank's shard, all-gathered into the full
+    experts (on every rank; e.g. to save a single-process checkpoint). Each per-expert
+    tensor of :meth:`~routelab.experts.Experts.expert_tensors` is gathered in turn."""
+    if not isinstance(shard, Experts):
+        raise TypeError(f"shard must be a routelab Experts, got {type(shard).__name__}")
     _, world = _group_info(group)
-    full = shard.with_num_experts(shard.num_experts * world)
-    with torch.no_grad():
-        for name in _EXPERT_PARAMS:
-            local = getattr(shard, name)
-            if local is not None:
-                parts = [torch.empty_like(local) for _ in range(world)]
-                dist.all_gather(parts, local.detach().contiguous(), group=group)
-                getattr(full, name).copy_(torch.cat(parts))
-    return full
+    gathered = {}
+    for name, local in shard.expert_tensors().items():
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.detach().contiguous(), group=group)
+        gathered[name] = torch.cat(parts)
+    return shard.with_expert_tensors(gathered)
 
 
 # ---------------------------------------------------------------------- the layer
@@ -270,7 +260,7 @@ class ExpertParallelMoE(nn.Module):
     def __init__(
         self,
         router: Router,
-        experts: FFNExperts,
+        experts: Experts,
         policies: Sequence[Policy] = (),
         *,
         group: dist.ProcessGroup | None = None,
@@ -281,16 +271,17 @@ class ExpertParallelMoE(nn.Module):
         rank, world = _group_info(group)
         if not isinstance(router, nn.Module) or not hasattr(router, "num_experts"):
             raise TypeError(f"router must be a routelab.Router, got {type(router).__name__}")
-        if not isinstance(experts, FFNExperts):
+        if not isinstance(experts, Experts):
             raise TypeError(
-                f"experts must be this rank's FFNExperts shard, got {type(experts).__name__}"
+                f"experts must be this rank's Experts shard (e.g. FFNExperts), got "
+                f"{type(experts).__name__}"
             )
         if assignment not in ASSIGNMENT_MODES:
             raise ValueError(f"assignment must be one of {ASSIGNMENT_MODES}, got {assignment!r}")
-        if assignment == "global" and not _is_balanced_assignment_router(router):
+        if assignment == "global" and not isinstance(router, BalancedAssignmentRouter):
             raise TypeError(
-                "assignment='global' needs a balanced-assignment router with expert_scores, "
-                f"assign and routing_from_assignment (BASERouter), got {type(router).__name__}"
+                "assignment='global' needs a routelab.routers.BalancedAssignmentRouter "
+                f"(BASERouter, SinkhornRouter), got {type(router).__name__}"
             )
         num_experts = router.num_experts
         local = expert_range(num_experts, rank, world)
@@ -299,7 +290,7 @@ class ExpertParallelMoE(nn.Module):
                 f"experts has {experts.num_experts} experts, but a shard of num_experts = "
                 f"{num_experts} over world size {world} holds {len(local)}"
             )
-        if router.d_model != experts.d_model:
+        if experts.d_model is not None and router.d_model != experts.d_model:
             raise ValueError(
                 f"router has d_model = {router.d_model} but experts has {experts.d_model}"
             )
@@ -357,20 +348,21 @@ class ExpertParallelMoE(nn.Module):
 
     def _global_assignment(self, x: Tensor, token_ids: Tensor | None) -> Routing:
         """BASE over all ranks' tokens: gather the scores, solve once, keep my slice."""
-        router: Any = self.router
-        check_router_input(x, router.d_model, token_ids, need_token_ids=router.requires_token_ids)
-        scores = router.expert_scores(x)  # [T_r, E]
-        all_scores, sizes = all_gather_rows(scores, self.group)
-        assignment = router.assign(all_scores)  # int64 [sum T_r]
-        start = sum(sizes[: self.rank])
-        mine = assignment[start : start + x.shape[0]]
-        return router.routing_from_assignment(scores, mine)
+        router = self.router
+        assert isinstance(router, BalancedAssignmentRouter)
+
+        def solve_over_all_ranks(scores: Tensor) -> Tensor:
+            all_scores, sizes = all_gather_rows(scores, self.group)  # [sum T_r, E]
+            start = sum(sizes[: self.rank])
+            return router.assign(all_scores)[start : start + scores.shape[0]]
+
+        return router.route_with_assignment(x, token_ids, assign=solve_over_all_ranks)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
         """``x [..., d]`` (and ``token_ids [...]``) -> ``MoEOutput(output [..., d], routing)``."""
         flat_x, flat_ids, leading = flatten_tokens(x, token_ids)
-        weight = self.experts.w_in
-        if flat_x.dtype != weight.dtype or flat_x.device != weight.device:
+        weight = next(self.experts.parameters(), None)  # checked before any collective
+        if weight is not None and (flat_x.dtype != weight.dtype or flat_x.device != weight.device):
             raise TypeError(
                 f"x is {flat_x.dtype} on {flat_x.device} but the expert shard is "
                 f"{weight.dtype} on {weight.device}"
@@ -396,28 +388,28 @@ class ExpertParallelMoE(nn.Module):
                 f"expected T = {x.shape[0]}, E = {self.num_experts}"
             )
         world, e_local = self.world_size, len(self.local_experts)
-        plan = ExpertDispatch.plan(routing)
-        counts = torch.tensor(plan.counts, dtype=torch.int64, device=x.device)  # [E]
+        plan = ExpertDispatch.plan(routing)  # the one sort, on the sending side
         # [W, E/W]: row s holds what rank s sends to each of my experts
-        recv_counts = _exchange(counts, [e_local] * world, [e_local] * world, self.group)
+        recv_counts = _exchange(plan.counts, [e_local] * world, [e_local] * world, self.group)
         recv_counts = recv_counts.view(world, e_local)
-        send_splits = counts.view(world, e_local).sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
+        # one host transfer for every size the exchanges and the local experts need
+        host = torch.cat(
+            [plan.counts.view(world, e_local).sum(1), recv_counts.sum(1), recv_counts.sum(0)]
+        ).tolist()
+        send_splits, recv_splits = host[:world], host[world : 2 * world]
+        local_counts = ExpertSegments(recv_counts.sum(0), sizes=host[2 * world :])
 
         received = all_to_all(plan.gather(x), send_splits, recv_splits, self.group)  # [M, d]
-        # the received rows come by source rank, then by local expert: label and run them
-        local_expert = torch.repeat_interleave(
-            torch.arange(e_local, device=x.device).repeat(world), recv_counts.reshape(-1)
-        )
-        rows = received.shape[0]
-        local_routing = Routing(
-            token=torch.arange(rows, device=x.device),
-            expert=local_expert,
-            weight=received.new_ones(rows),
-            num_tokens=rows,
-            num_experts=e_local,
-        )
-        outputs = self.experts(received, local_routing)  # [M, d], weight 1: plain FFN rows
+        # the rows arrive by source rank, then by local expert: put them in expert order
+        # (a permutation computed from the counts, no sort), run, and put them back
+        order = _source_to_expert_order(recv_counts, received.shape[0])
+        if order is None:
+            outputs = self.experts.run_sorted(received, local_counts)
+        else:
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.shape[0], device=order.device)
+            sorted_out = self.experts.run_sorted(received.index_select(0, order), local_counts)
+            outputs = sorted_out.index_select(0, inverse)
         returned = all_to_all(outputs, recv_splits, send_splits, self.group)  # [N, d]
         return plan.combine(returned, x.shape[0], x.dtype)
 
@@ -433,11 +425,20 @@ class ExpertParallelMoE(nn.Module):
         )
 
 
-def _is_balanced_assignment_router(router: object) -> bool:
-    return all(
-        callable(getattr(router, name, None))
-        for name in ("expert_scores", "assign", "routing_from_assignment")
-    )
+def _source_to_expert_order(chunks: Tensor, num_rows: int) -> Tensor | None:
+    """The rows of chunks laid out source-major (``chunks [W, E_l]``: rank s's rows for
+    local expert e) read in expert-major order: int64 ``[num_rows]`` with
+    ``rows[order]`` sorted by expert (stable within an expert, by source rank). None when
+    the layout is expert-major already (one rank or one local expert)."""
+    world, e_local = chunks.shape
+    if world == 1 or e_local == 1:
+        return None
+    sizes = chunks.reshape(-1)
+    source_start = (torch.cumsum(sizes, 0) - sizes).view(world, e_local).t().reshape(-1)
+    by_expert = chunks.t().reshape(-1)  # chunk sizes in (expert, source) order
+    expert_start = torch.cumsum(by_expert, 0) - by_expert
+    shift = torch.repeat_interleave(source_start - expert_start, by_expert, output_size=num_rows)
+    return torch.arange(num_rows, device=chunks.device) + shift
 
 
 # ---------------------------------------------------------------------- data parallel

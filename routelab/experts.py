@@ -75,17 +75,24 @@ class ExpertSegments:
     """The layout of N rows sorted by expert: expert e owns rows ``[end_{e-1}, end_e)``.
 
     Built from ``counts``, the rows of each expert: an int64 tensor ``[E]`` on the rows'
-    device (no host sync) or a sequence of E ints (already on the host). :meth:`sizes`
-    gives them as a Python list (one host sync for a tensor, at most once; the
-    per-expert loops need it).
+    device (no host sync) or a sequence of E ints (already on the host); ``sizes``: the
+    same counts as ints where the caller has them already. :meth:`sizes` gives them as a
+    Python list (one host sync for a tensor, at most once; the per-expert loops need it).
     """
 
-    def __init__(self, counts: Tensor | Sequence[int], *, device: torch.device | None = None):
+    def __init__(
+        self,
+        counts: Tensor | Sequence[int],
+        *,
+        device: torch.device | None = None,
+        sizes: Sequence[int] | None = None,
+    ):
         if isinstance(counts, Tensor):
             if counts.dim() != 1 or counts.is_floating_point():
                 raise ValueError(f"counts must be an int tensor [E], got {counts!r}")
             self.counts = counts.long()
-            self._sizes: list[int] | None = None
+            # the same counts already on the host (a caller that synced anyway)
+            self._sizes: list[int] | None = None if sizes is None else [int(n) for n in sizes]
         else:
             sizes = [require_int(f"counts[{e}]", n, 0) for e, n in enumerate(counts)]
             self.counts = torch.tensor(sizes, dtype=torch.int64, device=device)

@@ -31,12 +31,16 @@ is a linear map registers in one line::
     register_router_surgery(MyGate, ExpertTensors({"proj.weight": 0, "proj.bias": 0},
                                                   logit_bias="proj.bias"))
 
-Registered here: TopKGate, SoftmaxGate, SwitchGate, ExpertChoiceRouter (``proj``),
-NoisyTopKGate (``w_gate``, ``w_noise``; no logit bias, so no ``"masked"`` growth),
-BASERouter and SinkhornRouter (``expert_embeddings``; no ``"masked"`` growth: their
-scores are bias-free dot products), DSelectKGate (:class:`DSelectKSurgery`: growth
-only, masked growth from a power-of-two E) and HashRouter (:class:`HashSurgery`: a
-documented re-balancing of the table).
+Registered here: TopKGate (``proj`` and its selection bias), SoftmaxGate, SwitchGate,
+ExpertChoiceRouter (``proj``; the per-expert capacity is kept), TopPGate, ReMoEGate
+(``proj``; the target sparsity ``1 - k/E`` follows E), NoisyTopKGate (``w_gate``,
+``w_noise``), TopKRouter (``weight [d, E]``), CosineTopKGate (``expert_embeddings``),
+BASERouter and SinkhornRouter (``expert_embeddings``) -- the last four have no logit
+bias, so no ``"masked"`` growth (their scores are bias-free products) --, DSelectKGate
+(:class:`DSelectKSurgery`: growth only, masked growth from a power-of-two E) and
+HashRouter (:class:`HashSurgery`: a documented re-balancing of the table). Not
+registered: MoEPlusPlusGate (its zero-computation experts and the gating residual from
+the previous layer tie E to the executor and to the layer before).
 
 State dicts: a grown / pruned / merged model has new parameter shapes. Save it with
 ``state_dict()``; load it into a model built the same way (build the old architecture
@@ -63,14 +67,20 @@ from routelab._validate import require_choice, require_float, require_int
 from routelab.experts import Experts, FFNExperts, ModuleExperts
 from routelab.moe import MoE
 from routelab.router import Router
-from routelab.routers.base_layer import BASERouter
-from routelab.routers.dselect_k import DSelectKGate
-from routelab.routers.expert_choice import ExpertChoiceRouter
-from routelab.routers.hash import HashRouter
-from routelab.routers.noisy_topk import NoisyTopKGate
-from routelab.routers.softmax import SoftmaxGate
-from routelab.routers.switch import SwitchGate
-from routelab.routers.topk import TopKGate
+from routelab.routers import (
+    BASERouter,
+    CosineTopKGate,
+    DSelectKGate,
+    ExpertChoiceRouter,
+    HashRouter,
+    NoisyTopKGate,
+    ReMoEGate,
+    SoftmaxGate,
+    SwitchGate,
+    TopKGate,
+    TopPGate,
+)
+from routelab.routers.topk import TopKRouter
 
 __all__ = [
     "EXPERT_INITS",
@@ -230,9 +240,14 @@ def router_surgery(router: Router) -> RouterSurgery:
 
 
 def _get_tensor(module: nn.Module, name: str) -> Tensor | None:
+    """The parameter / buffer at a dotted name, or None where it (or its owner) is absent."""
     owner_name, _, attr = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    return getattr(owner, attr, None)
+    try:
+        owner = module.get_submodule(owner_name) if owner_name else module
+    except AttributeError:
+        return None
+    value = getattr(owner, attr, None)
+    return value if isinstance(value, Tensor) else None
 
 
 def _set_tensor(module: nn.Module, name: str, value: Tensor, *, requires_grad: bool) -> None:
@@ -279,16 +294,28 @@ class ExpertTensors:
             ``{"proj.weight": 0, "proj.bias": 0}`` for an ``nn.Linear(d, E)`` gate or
             ``{"w_gate": 1}`` for a ``[d, E]`` parameter. Missing (None) tensors are
             skipped.
-        logit_bias: the tensor holding the per-expert logit bias, which takes
-            ``plan.mask_logit`` in masked growth. A missing ``nn.Linear`` bias is added
-            (zeros for the old experts). None: the router cannot mask (``"masked"``
-            growth raises a ValueError naming the router).
+        logit_bias: the tensor(s) whose new entries take ``plan.mask_logit`` in masked
+            growth: the per-expert logit bias (a missing ``nn.Linear`` bias is added, zeros
+            for the old experts) and any selection bias added to the selection values.
+            None: the router cannot mask (``"masked"`` growth raises a ValueError naming
+            the router).
         adjust: ``(new_router, old_E, new_E) -> None``, for attributes that depend on E.
+
+    Submodules of the router that carry ``num_experts`` (a selection bias, global load
+    counts: :class:`routelab.balancing.BalancingState` controllers) get their ``[E, ...]``
+    buffers re-indexed too (kept experts keep their state, added ones start at 0), as
+    the policies' do; tensors named in ``tensors`` are handled first.
     """
 
     tensors: Mapping[str, int]
-    logit_bias: str | None = None
+    logit_bias: str | tuple[str, ...] | None = None
     adjust: Callable[[Router, int, int], None] | None = None
+
+    @property
+    def _logit_biases(self) -> tuple[str, ...]:
+        if self.logit_bias is None:
+            return ()
+        return (self.logit_bias,) if isinstance(self.logit_bias, str) else self.logit_bias
 
     def reindex(self, router: Router, plan: ExpertPlan) -> tuple[Router, tuple[int | None, ...]]:
         gate = plan.gate if any(plan.added) else "copy"
@@ -301,10 +328,12 @@ class ExpertTensors:
         E_old, E_new = plan.num_old, plan.num_new
         for name, axis in self.tensors.items():
             old = _get_tensor(router, name)
-            if old is None and name == self.logit_bias and gate == "masked":
-                weight = _get_tensor(router, name.rpartition(".")[0] + ".weight")
-                shape = [E_old]
-                old = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+            owner = name.rpartition(".")[0]
+            if old is None and name in self._logit_biases and gate == "masked" and owner:
+                owner_module = getattr(router, owner, None)
+                if isinstance(owner_module, nn.Linear):  # add the bias the mask needs
+                    weight = owner_module.weight
+                    old = torch.zeros(E_old, dtype=weight.dtype, device=weight.device)
             if old is None:
                 continue
             if old.shape[axis] != E_old:
@@ -313,9 +342,11 @@ class ExpertTensors:
                     f"{axis}, expected num_experts = {E_old}"
                 )
             value = _reindex_tensor(
-                old, axis, plan, is_logit_bias=name == self.logit_bias, gate=gate
+                old, axis, plan, is_logit_bias=name in self._logit_biases, gate=gate
             )
             _set_tensor(new, name, value, requires_grad=old.requires_grad)
+        for module in list(new.children()):
+            _reindex_expert_state(module, plan)
         new.num_experts = E_new
         k = getattr(new, "k", None)
         if isinstance(k, int) and k > E_new:
@@ -497,8 +528,41 @@ def _old_source(sources: list[int | None], plan: ExpertPlan, new_id: int) -> int
     return sources[new_id] if plan.added[new_id] else plan.sources[new_id]
 
 
+def _check_selection(router: Router, old: int, new: int) -> None:
+    """Token-choice routers: the top-k selection (k, group limits) must fit E."""
+    selection = getattr(router, "selection", None)
+    if selection is not None:
+        selection.check(new)
+
+
+def _remoe_target(router: Router, old: int, new: int) -> None:
+    """ReMoE: the controller's target sparsity is ``1 - k / E``."""
+    if router.k >= new:  # type: ignore[operator]
+        raise ValueError(f"ReMoEGate needs k = {router.k} < num_experts = {new}")
+    router.controller.target_sparsity = 1.0 - router.k / new  # type: ignore[union-attr]
+
+
 _LINEAR = {"proj.weight": 0, "proj.bias": 0}
-register_router_surgery(TopKGate, ExpertTensors(_LINEAR, logit_bias="proj.bias"))
+_SELECTION_BIAS = {"selection_bias.bias": 0}
+register_router_surgery(
+    TopKGate,
+    ExpertTensors(
+        {**_LINEAR, **_SELECTION_BIAS},
+        logit_bias=("proj.bias", "selection_bias.bias"),
+        adjust=_check_selection,
+    ),
+)
+register_router_surgery(
+    TopKRouter, ExpertTensors({"weight": 1, **_SELECTION_BIAS}, adjust=_check_selection)
+)
+register_router_surgery(
+    CosineTopKGate,
+    ExpertTensors({"expert_embeddings": 0, **_SELECTION_BIAS}, adjust=_check_selection),
+)
+register_router_surgery(TopPGate, ExpertTensors(_LINEAR, logit_bias="proj.bias"))
+register_router_surgery(
+    ReMoEGate, ExpertTensors(_LINEAR, logit_bias="proj.bias", adjust=_remoe_target)
+)
 register_router_surgery(
     SoftmaxGate, ExpertTensors(_LINEAR, logit_bias="proj.bias", adjust=_softmax_flags)
 )
@@ -604,24 +668,29 @@ def _reindex_modules(experts, sources, groups, group_weights) -> ModuleExperts:
     return ModuleExperts(modules, d_out=experts.d_out)
 
 
-def _reindex_policy(policy: nn.Module, plan: ExpertPlan) -> nn.Module:
-    """A policy with per-expert state (``num_experts`` and buffers ``[E, ...]``): buffers
-    re-indexed along axis 0 (kept experts keep their state, added ones start at 0)."""
-    new = copy.deepcopy(policy)
-    E_old = getattr(policy, "num_experts", None)
-    if not isinstance(E_old, int):
-        return new
-    for module in new.modules():
-        for name, buf in list(module._buffers.items()):
+def _reindex_expert_state(module: nn.Module, plan: ExpertPlan) -> None:
+    """In place: every submodule (``module`` included) with ``num_experts == E_old`` gets
+    its buffers ``[E_old, ...]`` re-indexed along axis 0 (kept experts keep their state,
+    added ones start at 0) and ``num_experts = E_new``."""
+    E_old = plan.num_old
+    for sub in module.modules():
+        if getattr(sub, "num_experts", None) != E_old:
+            continue
+        for name, buf in list(sub._buffers.items()):
             if buf is None or buf.dim() == 0 or buf.shape[0] != E_old:
                 continue
             rows = [
                 buf[s] if s is not None and not a else torch.zeros_like(buf[0])
                 for s, a in zip(plan.sources, plan.added)
             ]
-            module._buffers[name] = torch.stack(rows)
-        if getattr(module, "num_experts", None) == E_old:
-            module.num_experts = plan.num_new
+            sub._buffers[name] = torch.stack(rows)
+        sub.num_experts = plan.num_new
+
+
+def _reindex_policy(policy: nn.Module, plan: ExpertPlan) -> nn.Module:
+    """A copy of a policy with its per-expert state re-indexed (:func:`_reindex_expert_state`)."""
+    new = copy.deepcopy(policy)
+    _reindex_expert_state(new, plan)
     k = getattr(new, "k", None)
     if isinstance(k, int) and k > plan.num_new:
         raise ValueError(f"{type(policy).__name__} has k = {k} > {plan.num_new} experts")

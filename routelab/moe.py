@@ -74,6 +74,12 @@ class MoE(nn.Module):
                 f"router has num_experts = {router.num_experts} but experts has "
                 f"{experts.num_experts}"
             )
+        router_width = getattr(router, "d_model", None)
+        experts_width = getattr(experts, "d_model", None)
+        if router_width is not None and experts_width is not None and router_width != experts_width:
+            raise ValueError(
+                f"router has d_model = {router_width} but experts has d_model = {experts_width}"
+            )
         self.router = router
         self.experts = experts
         self.policies = policy_list(policies)

@@ -117,9 +117,10 @@ class NullExperts(Experts):
             token, weight = routing.token[hit], routing.weight[hit]
             which = expert[hit] - constant_ids.start  # [n] constant expert index
             rows = x[token]  # [n, d]
-            mix = torch.softmax(
-                torch.einsum("nd,ndk->nk", rows, self.constant_gate[which].to(x.dtype)), dim=-1
-            )  # [n, 2]
+            gates = self.constant_gate.to(x.dtype)  # [C, d, 2]
+            every = rows @ gates.permute(1, 0, 2).reshape(rows.shape[1], -1)  # [n, C * 2]
+            logits = every.view(-1, gates.shape[0], 2)[torch.arange(rows.shape[0]), which]
+            mix = torch.softmax(logits, dim=-1)  # [n, 2]: a_1, a_2 of each entry's expert
             out = mix[:, :1] * rows + mix[:, 1:] * self.constant[which].to(x.dtype)
             y = y.index_add(0, token, out * weight.to(x.dtype)[:, None])
         return y

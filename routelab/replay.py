@@ -19,7 +19,10 @@ one model can be replayed into another with the same layer names (a different ro
 for instance); a layer called several times per forward records one routing per call and
 replays them in order. What is recorded is the router's output, before the policies;
 the policies run again on the replayed routing (a capacity policy drops again by the
-same rule).
+same rule). A policy that chooses experts itself (``LossFreeBalancingPolicy``,
+``PausingPolicy``) would choose again from its current state: for an exact replay keep
+the selection inside the router (``TopKRouter(selection_bias=True)``, whose bias is not
+applied to a replayed selection).
 
 How a router replays: a token-choice router (:class:`routelab.routers.topk.
 TokenChoiceRouter`: ``TopKGate``, ``TopKRouter``, the cosine gate, ...) implements
@@ -32,7 +35,7 @@ routers such as hash or BASE do); a different selection is a clear error.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -68,6 +71,25 @@ class RouterReplay:
     @property
     def records(self) -> dict[str, tuple[Routing, ...]]:
         return {name: tuple(routings) for name, routings in self._records.items()}
+
+    def load(self, records: Mapping[str, Sequence[Routing]]) -> RouterReplay:
+        """Set the routings to replay, per layer name, from elsewhere (another process's
+        ``records``, or an inference engine's top-k ids via ``Routing.from_topk``)."""
+        if not isinstance(records, Mapping):
+            raise TypeError(
+                f"records must map layer names to routings, got {type(records).__name__}"
+            )
+        loaded: dict[str, list[Routing]] = {}
+        for name, routings in records.items():
+            items = list(routings)
+            for routing in items:
+                if not isinstance(routing, Routing):
+                    raise TypeError(
+                        f"records[{name!r}] must hold Routings, got {type(routing).__name__}"
+                    )
+            loaded[str(name)] = [_recorded(r) for r in items]
+        self._records.update(loaded)
+        return self
 
     @contextlib.contextmanager
     def record(self, model: nn.Module) -> Iterator[RouterReplay]:

@@ -137,6 +137,17 @@ def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     computation on the same values and fp16 cannot overflow to inf in the logits.
     Gradients flow back to ``x`` in its own dtype.
     """
+    if not x.is_floating_point() or not weight.is_floating_point():
+        raise TypeError(
+            f"router_logits needs floating x and weight, got {x.dtype} and {weight.dtype}"
+        )
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"router_logits needs x [T, d] and weight [d, E], got {tuple(x.shape)} and "
+            f"{tuple(weight.shape)} (for an nn.Linear pass linear.weight.t())"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[1],):
+        raise ValueError(f"bias must be [E] = [{weight.shape[1]}], got {tuple(bias.shape)}")
     dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
         logits = x.to(dtype) @ weight.to(dtype)

@@ -20,6 +20,7 @@ from routelab._validate import (
     INT64_MAX,
     ceil_fraction,
     exact_fraction,
+    require_float,
     require_int,
     validation_enabled,
 )
@@ -167,6 +168,11 @@ class Routing:
 
         Entries are laid out token-major: entry ``t * k + j`` is token t's j-th choice.
         """
+        for name, value in (("indices", indices), ("weights", weights)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
         if indices.dim() != 2 or weights.shape != indices.shape:
             raise ValueError(
                 "indices and weights must both be [T, k], got "
@@ -198,6 +204,8 @@ class Routing:
         Only the non-zero entries are kept unless ``keep_zeros`` (dense softmax keeps all
         T*E entries even where a weight underflows to zero). Weights stay differentiable.
         """
+        if not isinstance(combine, Tensor):
+            raise TypeError(f"combine must be a torch.Tensor, got {type(combine).__name__}")
         if combine.dim() != 2:
             raise ValueError(f"combine must be [T, E], got shape {tuple(combine.shape)}")
         num_tokens, num_experts = combine.shape
@@ -275,6 +283,14 @@ class Routing:
     def select(self, keep: Tensor, **changes: Any) -> Routing:
         """A new Routing with the entries where the bool ``keep [N]`` holds (or at int
         indices); ``changes`` replace further fields (e.g. ``dropped=``, ``capacity=``)."""
+        if not isinstance(keep, Tensor):
+            raise TypeError(f"keep must be a bool or integer tensor, got {type(keep).__name__}")
+        if keep.is_floating_point() or keep.is_complex():
+            raise TypeError(f"keep must be a bool or integer tensor, got {keep.dtype}")
+        if keep.dtype == torch.bool and tuple(keep.shape) != (self.num_entries,):
+            raise ValueError(
+                f"a bool keep must have shape [N] = [{self.num_entries}], got {tuple(keep.shape)}"
+            )
         return replace(
             self,
             token=self.token[keep],
@@ -329,6 +345,11 @@ class Routing:
 
         Returns ``self`` so it can be chained.
         """
+        if k is not None:
+            k = require_int("k", k, 0)
+        if capacity is not None and not isinstance(capacity, Tensor):
+            capacity = require_int("capacity", capacity, 0)
+        atol = require_float("atol", atol, minimum=0.0)
         T, E = self.num_tokens, self.num_experts
         if self.num_entries:
             if int(self.token.min()) < 0 or int(self.token.max()) >= T:

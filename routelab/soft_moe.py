@@ -76,8 +76,10 @@ class SoftMoE(nn.Module):
 
     Groups: ``x [S, d]`` is one group; ``x [..., S, d]`` has one group per leading index
     (a sequence or an image): tokens mix only within their group. With ``group_size`` g
-    the tokens of ``x [..., d]`` are instead taken in consecutive groups of g (the number
-    of tokens must be a multiple of g), for flattened batches of independent tokens.
+    the T tokens of ``x [..., d]`` are instead taken in consecutive groups of g, for
+    flattened batches; a last, incomplete group is padded with masked positions (zero
+    dispatch and combine weight, no output), which come last in ``dispatch`` and
+    ``combine``.
 
     Limitation (causal masking): every slot averages over all S tokens of its group,
     so a token's output depends on every other token of the group, the later ones
@@ -149,20 +151,26 @@ class SoftMoE(nn.Module):
                 f"x must be [..., S, d_model] = [..., S, {self.d_model}], got {tuple(x.shape)}"
             )
         d = x.shape[-1]
+        total = x.numel() // d
         if self.group_size is not None:
-            total = x.numel() // d
-            if total % self.group_size:
-                raise ValueError(
-                    f"x has {total} tokens, not a multiple of group_size = {self.group_size}"
-                )
-            num_tokens, groups = self.group_size, total // self.group_size
+            num_tokens = self.group_size
+            groups = -(-total // num_tokens)
+            padding = groups * num_tokens - total  # the last group's missing tokens
+            flat = x.reshape(total, d)
+            if padding:
+                flat = torch.cat([flat, flat.new_zeros(padding, d)])
+            grouped = flat.view(groups, num_tokens, d)  # [G, S, d]
         else:
-            num_tokens, groups = x.shape[-2], math.prod(x.shape[:-2])
-        grouped = x.reshape(groups, num_tokens, d)  # [G, S, d]
+            num_tokens, groups, padding = x.shape[-2], math.prod(x.shape[:-2]), 0
+            grouped = x.reshape(groups, num_tokens, d)  # [G, S, d]
         n, p = self.num_slots, self.slots_per_expert
         logits = self.slot_logits(grouped)  # [G, S, n]
-        dispatch = torch.softmax(logits, dim=1)
-        combine = torch.softmax(logits, dim=2)
+        valid = torch.ones(groups * num_tokens, dtype=torch.bool, device=x.device)
+        if padding:
+            valid[total:] = False
+        valid = valid.view(groups, num_tokens, 1)
+        dispatch = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=1)
+        combine = torch.softmax(logits, dim=2) * valid
         slots = dispatch.transpose(1, 2).to(x.dtype) @ grouped  # [G, n, d]
         slot_ids = torch.arange(groups * n, device=x.device)
         slot_routing = Routing(
@@ -176,9 +184,13 @@ class SoftMoE(nn.Module):
         y = combine.to(x.dtype) @ slot_out.reshape(groups, n, d)  # [G, S, d]
         shape = (groups, num_tokens, self.num_experts, p)
         mass = combine.reshape(shape).sum(-1).reshape(groups * num_tokens, self.num_experts)
-        routing = Routing.from_dense(mass, probs=mass, keep_zeros=True)
+        routing = Routing.from_dense(mass[:total], probs=mass[:total], keep_zeros=True)
         return SoftMoEOutput(
-            y.reshape(x.shape), routing, dispatch.reshape(shape), combine.reshape(shape), slot_routing
+            y.reshape(groups * num_tokens, d)[:total].reshape(x.shape),
+            routing,
+            dispatch.reshape(shape),
+            combine.reshape(shape),
+            slot_routing,
         )
 
     def extra_repr(self) -> str:

@@ -28,9 +28,11 @@ from routelab.router import Router
 from routelab.routing import Routing, require_routing
 
 __all__ = [
+    "PolicyContract",
     "RouterContract",
     "RouterInput",
     "check_routing",
+    "probe_differentiable",
     "router_inputs",
     "routings",
 ]
@@ -147,6 +149,64 @@ def assert_same_routing(a: Routing, b: Routing) -> None:
     assert torch.equal(a.weight.detach(), b.weight.detach()), "weight differs between the two runs"
 
 
+def probe_differentiable(
+    router: Router,
+    x: Tensor,
+    token_ids: Tensor | None = None,
+    *,
+    route: Any = None,
+    seed: int = 0,
+) -> bool:
+    """Whether ``router``'s routing weights or aux losses on ``x`` change when its
+    parameters move slightly (finite differences on an fp64 copy, same selection, same
+    random draws): the independent answer to "must a gradient reach the parameters?".
+
+    Selection changes are avoided by shrinking the step (1e-4, 1e-6, 1e-8 relative); a
+    router whose weights and aux are constant under all of them is not differentiable.
+    """
+    import copy
+
+    probe = copy.deepcopy(router).double().train(router.training)
+    params = [p for p in probe.parameters() if p.requires_grad]
+    if not params:
+        return False
+    call = route if route is not None else (lambda r, a, b: r(a, b))
+    x = x.double()
+
+    def run() -> Routing:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return call(probe, x, token_ids)
+
+    base = run()
+    originals = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in (1e-4, 1e-6, 1e-8):
+        with torch.no_grad():
+            for p, p0 in zip(params, originals):
+                noise = torch.randn(p0.shape, generator=gen, dtype=p0.dtype)
+                p.copy_(p0 + step * (p0.abs() + 1.0) * noise.to(p0.device))
+        moved = run()
+        same_entries = (
+            moved.num_entries == base.num_entries
+            and torch.equal(moved.token, base.token)
+            and torch.equal(moved.expert, base.expert)
+        )
+        if not same_entries:
+            continue
+        weights_moved = (
+            bool((moved.weight.double() - base.weight.double()).abs().max() > 0)
+            if (base.num_entries)
+            else False
+        )
+        aux_moved = any(
+            key not in moved.aux or bool(moved.aux[key].double() != value.double())
+            for key, value in base.aux.items()
+        )
+        return weights_moved or aux_moved
+    return True  # every step changed the selection: the routing depends on the parameters
+
+
 _CONTRACT_SETTINGS = settings(
     deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors]
 )
@@ -158,6 +218,10 @@ class RouterContract:
     Override :meth:`make_router`; set ``expect`` (keyword expectations for
     :func:`check_routing`, e.g. ``{"k": 2}``) or override :meth:`expectations` when they
     depend on the input (a capacity that depends on T). Class attributes set the sizes.
+
+    The gradient check does not trust ``router.differentiable``: whether gradients must
+    reach the parameters is stated by the subclass (``differentiable = True / False``)
+    or found by :func:`probe_differentiable`, and the router's flag must agree.
     """
 
     d_model: ClassVar[int] = 12
@@ -166,6 +230,10 @@ class RouterContract:
     vocab_size: ClassVar[int] = 64
     expect: ClassVar[dict[str, Any]] = {}
     dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float64, torch.bfloat16)
+    #: Whether gradients must reach the router's parameters. None: decided by
+    #: probe_differentiable (finite differences), never by the router's own flag; the
+    #: flag must agree with it either way.
+    differentiable: ClassVar[bool | None] = None
 
     # ------------------------------------------------------------------ hooks
     def make_router(self, d_model: int, num_experts: int) -> Router:
@@ -245,16 +313,34 @@ class RouterContract:
         second = self.route(router, x, ids)
         assert_same_routing(first, second)
 
+    def expects_gradient(self, router: Router) -> bool:
+        """Whether the router must pass gradients to its parameters: the subclass's
+        ``differentiable`` when it states one, else :func:`probe_differentiable` (a
+        finite-difference probe that does not trust the router's own flag)."""
+        if self.differentiable is not None:
+            return bool(self.differentiable)
+        x, ids, _ = self.sample(router, 24)
+        return probe_differentiable(router, x, ids, route=self.route)
+
     def test_gradient_reaches_parameters(self) -> None:
         router = self.build().train()
+        expected = self.expects_gradient(router)
+        assert router.differentiable == expected, (
+            f"the router's differentiable flag is {router.differentiable}, but its routing "
+            f"weights and aux losses {'do' if expected else 'do not'} depend on its parameters"
+        )
         params = [p for p in router.parameters() if p.requires_grad]
-        if not router.differentiable or not params:
-            assert not router.differentiable or not params
-            return
         x, ids, _ = self.sample(router, 24)
         torch.manual_seed(0)
         routing = self.route(router, x, ids)
         loss = self.gradient_loss(routing, torch.Generator().manual_seed(5))
+        if not expected:
+            if loss.requires_grad:
+                loss.backward()
+            assert all(p.grad is None or not bool(p.grad.abs().sum() > 0) for p in params), (
+                "a router stated non-differentiable passes a gradient to its parameters"
+            )
+            return
         assert loss.requires_grad, (
             "no gradient: the routing weights and aux losses are detached from the router"
         )
@@ -328,3 +414,228 @@ class RouterContract:
         if router.requires_token_ids:
             with pytest.raises(ValueError, match="token_ids"):
                 self.route(router, x, None)
+
+
+class PolicyContract:
+    """Pytest base class for policies (``Routing -> Routing`` modules), as RouterContract
+    is for routers. Subclass it with a policy factory::
+
+        class TestMyPolicy(PolicyContract):
+            def make_policy(self, num_experts):
+                return MyPolicy(num_experts)
+
+    Override :meth:`make_router` to feed the policy another router's routings (default:
+    a top-2 gate) and :meth:`expectations` for :func:`check_routing` keywords on the
+    output. Checks, over hypothesis-drawn inputs: the output is a valid Routing over the
+    same T and E with the expectations; the input Routing is left untouched; ``forward``
+    changes no state but the pending statistics of a
+    :class:`routelab.balancing.BalancingState` (state moves only in the update step); an
+    activation-checkpoint recompute is not observed twice; eval is not observed; the same
+    input gives the same output; a ``state_dict`` round trip after some updates gives the
+    same output; an empty batch works; a non-Routing argument and a non-finite state in
+    ``load_state_dict`` are clear errors; gradients still reach the router.
+    """
+
+    d_model: ClassVar[int] = 8
+    num_experts: ClassVar[int] = 6
+    max_tokens: ClassVar[int] = 30
+
+    # ------------------------------------------------------------------ hooks
+    def make_policy(self, num_experts: int) -> torch.nn.Module:
+        """Build the policy under test."""
+        raise NotImplementedError("subclass PolicyContract and implement make_policy")
+
+    def make_router(self, d_model: int, num_experts: int) -> Router:
+        """The router whose routings the policy receives (default: top-2 gate)."""
+        from routelab.routers.topk import TopKGate
+
+        return TopKGate(d_model, num_experts, k=min(2, num_experts))
+
+    def expectations(self, policy: torch.nn.Module, routing: Routing) -> dict[str, Any]:
+        """Keyword expectations for :func:`check_routing` on the policy's output."""
+        return {}
+
+    # ------------------------------------------------------------------ helpers
+    def build(self, seed: int = 0) -> tuple[Router, torch.nn.Module]:
+        torch.manual_seed(seed)
+        router = self.make_router(self.d_model, self.num_experts)
+        policy = self.make_policy(self.num_experts)
+        if not isinstance(policy, torch.nn.Module):
+            raise TypeError(f"make_policy must return an nn.Module, got {type(policy).__name__}")
+        return router, policy
+
+    def sample(self, num_tokens: int, seed: int = 0) -> Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(num_tokens, self.d_model, generator=gen)
+
+    @staticmethod
+    def state(policy: torch.nn.Module) -> dict[str, Tensor]:
+        """The policy's state without pending (not yet applied) statistics."""
+        return {
+            k: v.detach().clone()
+            for k, v in policy.state_dict().items()
+            if not k.rsplit(".", 1)[-1].startswith("pending_")
+        }
+
+    @staticmethod
+    def pending(policy: torch.nn.Module) -> dict[str, Tensor]:
+        return {
+            k: v.detach().clone()
+            for k, v in policy.state_dict().items()
+            if k.rsplit(".", 1)[-1].startswith("pending_")
+        }
+
+    @staticmethod
+    def update(policy: torch.nn.Module) -> None:
+        from routelab.balancing import update_balancing
+
+        update_balancing(policy)
+
+    def warm_up(self, router: Router, policy: torch.nn.Module, steps: int = 3) -> None:
+        """A few training forwards and update steps, so the state is not the initial one."""
+        policy.train()
+        for step in range(steps):
+            with torch.no_grad():
+                policy(router(self.sample(32, seed=100 + step)))
+            self.update(policy)
+
+    # ------------------------------------------------------------------ the suite
+    @_CONTRACT_SETTINGS
+    @given(data=st.data())
+    def test_output_is_a_valid_routing(self, data: st.DataObject) -> None:
+        router, policy = self.build()
+        x, _, seed = data.draw(router_inputs(self.d_model, max_tokens=self.max_tokens))
+        self.warm_up(router, policy, steps=data.draw(st.integers(0, 2)))
+        for training in (True, False):
+            policy.train(training)
+            torch.manual_seed(seed)
+            routing = router.train(training)(x)
+            before = (routing.token.clone(), routing.expert.clone(), routing.weight.clone())
+            out = policy(routing)
+            assert isinstance(out, Routing), f"the policy returned {type(out).__name__}"
+            check_routing(
+                out,
+                num_tokens=x.shape[0],
+                num_experts=self.num_experts,
+                **self.expectations(policy, routing),
+            )
+            after = (routing.token, routing.expert, routing.weight)
+            assert all(torch.equal(a, b) for a, b in zip(before, after)), (
+                "the policy changed its input Routing"
+            )
+
+    def test_forward_changes_no_state(self) -> None:
+        router, policy = self.build()
+        self.warm_up(router, policy)
+        state = self.state(policy)
+        policy.train()
+        for seed in range(3):
+            policy(router(self.sample(20, seed=seed)))
+        for key, value in self.state(policy).items():
+            assert torch.equal(value, state[key]), f"forward changed {key!r}"
+
+    def test_update_without_observations_changes_nothing(self) -> None:
+        router, policy = self.build()
+        self.warm_up(router, policy)
+        state = self.state(policy)
+        self.update(policy)
+        for key, value in self.state(policy).items():
+            assert torch.equal(value, state[key]), f"an empty update step changed {key!r}"
+
+    def test_checkpoint_recompute_is_not_observed_twice(self) -> None:
+        from torch.utils.checkpoint import checkpoint
+
+        for reentrant in (True, False):
+            router, policy = self.build()
+            policy.train()
+            x = self.sample(16).requires_grad_(True)
+            with torch.no_grad():
+                policy(router(x.detach()))
+            once = self.pending(policy)
+            _, fresh = self.build()
+            fresh.train()
+
+            def layer(
+                t: Tensor, policy: torch.nn.Module = fresh, router: Router = router
+            ) -> Tensor:
+                out = policy(router(t))
+                return out.weight.sum() + out.aux_loss + t.sum() * 0
+
+            checkpoint(layer, x, use_reentrant=reentrant).backward()
+            twice = self.pending(fresh)
+            for key, value in once.items():
+                assert torch.equal(twice[key], value), (
+                    f"checkpoint recompute (use_reentrant={reentrant}) changed {key!r} twice"
+                )
+
+    def test_eval_is_not_observed(self) -> None:
+        router, policy = self.build()
+        self.warm_up(router, policy)
+        pending, state = self.pending(policy), self.state(policy)
+        policy.eval()
+        policy(router.eval()(self.sample(20)))
+        self.update(policy)
+        for key, value in self.pending(policy).items():
+            assert torch.equal(value, pending[key]), f"an eval forward was observed: {key!r}"
+        for key, value in self.state(policy).items():
+            assert torch.equal(value, state[key]), f"an eval forward moved {key!r}"
+
+    def test_same_input_same_output(self) -> None:
+        router, policy = self.build()
+        self.warm_up(router, policy)
+        routing = router.eval()(self.sample(23))
+        for training in (False, True):
+            policy.train(training)
+            assert_same_routing(policy(routing), policy(routing))
+
+    def test_state_dict_round_trip(self) -> None:
+        router, policy = self.build()
+        self.warm_up(router, policy, steps=4)
+        _, clone = self.build(seed=1)
+        clone.load_state_dict(policy.state_dict())
+        routing = router.eval()(self.sample(19))
+        for training in (False, True):
+            policy.train(training)
+            clone.train(training)
+            assert_same_routing(policy(routing), clone(routing))
+
+    def test_empty_batch(self) -> None:
+        router, policy = self.build()
+        for training in (True, False):
+            policy.train(training)
+            out = policy(router.train(training)(self.sample(0)))
+            check_routing(out, num_tokens=0, num_experts=self.num_experts)
+            assert out.num_entries == 0
+
+    def test_non_routing_is_a_clear_error(self) -> None:
+        import pytest
+
+        _, policy = self.build()
+        with pytest.raises(TypeError, match="routing"):
+            policy(torch.zeros(3, self.num_experts))
+
+    def test_non_finite_state_is_refused_on_load(self) -> None:
+        import pytest
+
+        _, policy = self.build()
+        for key, value in policy.state_dict().items():
+            if not value.is_floating_point() or not value.numel():
+                continue
+            state = policy.state_dict()
+            state[key] = torch.full_like(value, float("nan"))
+            with pytest.raises(ValueError, match="NaN"):
+                policy.load_state_dict(state)
+
+    def test_gradient_still_reaches_the_router(self) -> None:
+        router, policy = self.build()
+        self.warm_up(router, policy)
+        policy.train()
+        out = policy(router.train()(self.sample(24)))
+        if out.num_entries == 0 or not router.differentiable:
+            return
+        loss = (out.weight * torch.linspace(0.5, 1.5, out.num_entries)).sum() + out.aux_loss
+        assert loss.requires_grad, "the policy detached the routing weights from the router"
+        loss.backward()
+        assert any(
+            p.grad is not None and bool(p.grad.abs().sum() > 0) for p in router.parameters()
+        ), "no router parameter received a gradient through the policy"

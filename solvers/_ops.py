@@ -75,10 +75,6 @@ class NumpyOps:
     def abs(self, x: Any) -> Any:
         return np.abs(x)
 
-    def is_integral(self, x: Any) -> bool:
-        """Whether every finite entry is an integer (``-inf`` counts as one)."""
-        return bool(np.array_equal(x, np.rint(x)))
-
     def argmax_rows(self, v: Any) -> Any:
         return v.argmax(axis=1)
 
@@ -196,9 +192,6 @@ class TorchOps:
 
     def abs(self, x: Any) -> Any:
         return x.abs()
-
-    def is_integral(self, x: Any) -> bool:
-        return bool(self.torch.equal(x, self.torch.round(x)))
 
     def argmax_rows(self, v: Any) -> Any:
         return v.argmax(dim=1)

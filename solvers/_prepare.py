@@ -10,7 +10,7 @@ the prices would swallow the O(1) differences. So they run on::
     shifted  W' = W - max_e W_te          (row maximum 0; -inf stays -inf)
     clipped  C = max(W', -window)         (finite, spread <= window)
 
-with ``window = 64 * q`` and q the lower quartile of the positive finite gaps
+with ``window = 64 * q`` (rounded up for integer scores) and q the lower quartile of the positive finite gaps
 ``-W'_te`` over up to 256 evenly spaced rows: for ordinary scores (Gaussian, integer,
 low-rank, per-expert skew) no gap comes near the window and ``C == W'``; a gap beyond
 it is an outlier (or a forbidden pair). When clipping changed an entry, the result on C
@@ -46,7 +46,8 @@ class Working:
         clipped_any: whether some entry (an outlier or a forbidden pair) was clipped.
         forbidden: whether some pair is forbidden (``-inf``).
         exponent: k; prices and gaps of W are ``2**-k`` times those of S.
-        integral: whether every finite entry of W is an integer (so is C then).
+        integral: whether the sampled rows of W are integers (heuristics only: early
+            certification for the many ties of integer scores).
         spread: ``max(C) - min(C)``.
         magnitude: ``sum_t max_e |W_te|`` over the row's scores clamped to
             ``[max_e W_te - window, max_e W_te]`` (the scale of the auction's tolerance).
@@ -68,11 +69,14 @@ class Working:
         return math.ldexp(value, self.exponent) if self.exponent else value
 
 
-def _window(ops: Any, shifted: Any, row_min: np.ndarray, integral: bool) -> float:
-    """``64 *`` the lower quartile of the positive finite gaps of a row sample (module doc)."""
-    T = shifted.shape[0]
-    rows = np.unique(np.linspace(0, T - 1, min(T, _SAMPLE_ROWS)).astype(np.int64))
-    gaps = -ops.to_numpy(shifted[ops.from_numpy(rows, shifted)]).ravel()
+def _sample_rows(T: int) -> np.ndarray:
+    return np.unique(np.linspace(0, T - 1, min(T, _SAMPLE_ROWS)).astype(np.int64))
+
+
+def _window(sample: np.ndarray, row_min: np.ndarray, integral: bool) -> float:
+    """``64 *`` the lower quartile of the positive finite gaps of a row sample (module doc);
+    ``sample`` holds those rows of the shifted scores (host)."""
+    gaps = -sample.ravel()
     gaps = gaps[(gaps > 0) & np.isfinite(gaps)]
     if gaps.size:
         k = (gaps.size - 1) // 4  # the lower quartile (numpy's method="lower"), by selection
@@ -85,9 +89,9 @@ def _window(ops: Any, shifted: Any, row_min: np.ndarray, integral: bool) -> floa
     return window
 
 
-def prepare(ops: Any, S: Any) -> Working:
-    """The working forms of float64 ``S [T, E]`` (T >= 1; every row has a finite score)."""
-    forbidden = ops.any(ops.isneginf(S))
+def prepare(ops: Any, S: Any, forbidden: bool) -> Working:
+    """The working forms of float64 ``S [T, E]`` (T >= 1; every row has a finite score);
+    ``forbidden``: whether S holds a ``-inf``."""
     exponent = 0
     W = S
     row_best = ops.row_max(W)
@@ -109,8 +113,12 @@ def prepare(ops: Any, S: Any) -> Working:
             row_min = np.minimum(row_min, 0.0)
         else:
             row_min = ops.to_numpy(ops.row_min(shifted))
-    integral = ops.is_integral(W)
-    window = _window(ops, shifted, row_min, integral)
+    rows = _sample_rows(S.shape[0])
+    sample = ops.to_numpy(shifted[ops.from_numpy(rows, shifted)])
+    # Integrality only steers heuristics (never the answer): the sample decides it.
+    finite = sample[np.isfinite(sample)]
+    integral = bool(np.array_equal(finite, np.rint(finite)))
+    window = _window(sample, row_min, integral)
     lowest = float(row_min.min())
     clipped_any = forbidden or lowest < -window
     clipped = ops.clip_min(shifted, -window) if clipped_any else shifted

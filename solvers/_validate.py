@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "SEED_LIMIT",
     "as_real_numpy",
     "check_capacity",
     "check_scores",
     "even_capacity",
+    "has_forbidden",
     "is_torch",
     "like_source",
     "require_float",
@@ -173,7 +175,7 @@ def check_scores(scores: Any) -> Any:
                 f"scores must have at least one expert column, got shape {tuple(scores.shape)}"
             )
         out = scores.detach().to(torch.float64)
-        if out.numel():
+        if out.numel() and not bool(torch.isfinite(out.sum())):
             if bool(torch.isnan(out).any()):
                 raise ValueError(_SCORES_FINITE.format(what="NaN"))
             if bool(torch.isposinf(out).any()):
@@ -197,12 +199,21 @@ def check_scores(scores: Any) -> Any:
     if scores.shape[1] < 1:
         raise ValueError(f"scores must have at least one expert column, got shape {scores.shape}")
     out = np.ascontiguousarray(scores, dtype=np.float64)
-    if out.size:
+    # One pass without a temporary: a finite total means no NaN and no inf anywhere.
+    if out.size and not np.isfinite(out.sum()):
         if np.isnan(out).any():
             raise ValueError(_SCORES_FINITE.format(what="NaN"))
         if np.isposinf(out).any():
             raise ValueError(_SCORES_FINITE.format(what="+inf"))
     return out
+
+
+def has_forbidden(ops: Any, S: Any) -> bool:
+    """Whether checked scores hold a ``-inf`` (a forbidden pair). One pass without a
+    temporary in the common case: a finite total rules it out."""
+    if np.isfinite(float(ops.sum(S))):
+        return False
+    return ops.any(ops.isneginf(S))
 
 
 def even_capacity(num_tokens: int, num_experts: int) -> np.ndarray:

@@ -37,7 +37,14 @@ from solvers._exact import finish, violators
 from solvers._feasibility import check_feasible
 from solvers._ops import NumpyOps, ops_for
 from solvers._prepare import Working, prepare
-from solvers._validate import check_capacity, check_scores, is_torch, require_float, require_int
+from solvers._validate import (
+    check_capacity,
+    check_scores,
+    has_forbidden,
+    is_torch,
+    require_float,
+    require_int,
+)
 
 __all__ = ["METHODS", "AssignmentResult", "Method", "balanced_assignment"]
 
@@ -84,6 +91,15 @@ def _above_one(name: str, value: Any) -> float:
 
 def _count(name: str, value: Any) -> int:
     return require_int(name, value, 0)
+
+
+def _optional_count(name: str, value: Any) -> int | None:
+    return None if value is None else _count(name, value)
+
+
+def _switch(switch: int | None, T: int, most: int) -> int:
+    """The auction-to-augmenting-paths switch: given, or ``T // 128`` in ``[8, most]``."""
+    return min(max(T // 128, 8), most) if switch is None else switch
 
 
 def _at_least_one(name: str, value: Any) -> int:
@@ -160,11 +176,13 @@ def balanced_assignment(
             of :mod:`solvers._prepare`: ordinary scores are never clamped; a -1e300 outlier
             does not make the tolerance meaningless), ``eps_start`` (first epsilon,
             relative to the score spread, 1/32), ``factor`` (epsilon divisor per phase, 8),
-            ``switch`` (free tokens at which a phase's tail is handed to augmenting paths,
-            32).
+            ``switch`` (free tokens at which a phase's tail is handed to augmenting paths;
+            default ``T // 128`` clamped to [8, 32]: below a thousand tokens a bidding
+            round is cheaper than an augmenting path, above it the tail is long).
             exact: the same for its auction phase, except ``tol`` (its last epsilon relative
             to the score spread, 1e-6; it only trades auction time against augmenting
-            paths, the result is optimal either way), ``eps_start`` 1/128, ``switch`` 64.
+            paths, the result is optimal either way), ``eps_start`` 1/128, ``switch``
+            ``T // 128`` clamped to [8, 64].
             sinkhorn: ``temperature`` (relative to the score spread, >= 1e-12, 1e-2),
             ``max_iter`` (200), ``tol`` (column-marginal error per token, 1e-4).
             hungarian: ``max_entries`` (5e7). lp: ``solver`` (cvxpy solver name).
@@ -189,13 +207,14 @@ def balanced_assignment(
     cap = check_capacity(capacity, T, E)
     ops = ops_for(S)
     cap_x = ops.as_int(cap)
-    if T and ops.any(ops.isneginf(S)):
+    forbidden = bool(T) and has_forbidden(ops, S)
+    if forbidden:
         check_feasible(~np.isneginf(ops.to_numpy(S)), cap)
     if T == 0 or E == 1:
         return _result(ops, S, cap_x, ops.full_int(T, 0), ops.full(E, 0.0), 0, method)
     if not (cap > 0).all():
         return _without_closed_experts(ops, S, cap, cap_x, method, options)
-    work = prepare(ops, S)
+    work = prepare(ops, S, forbidden)
     owner, prices, iterations = entry.solve(ops, work, cap, cap_x, **opts)
     if work.exponent:
         prices = prices * work.to_score_units(1.0)
@@ -262,6 +281,7 @@ def _solve_exact(ops, work: Working, cap, cap_x, *, tol, eps_start, factor, swit
     complementary-slack prices, then the exact repair of whatever clipping changed."""
     C = ops.to_numpy(work.clipped)
     T, E = C.shape
+    switch = _switch(switch, T, 64)
     if work.spread == 0.0:  # every score equal: any feasible assignment is optimal
         owner = np.repeat(np.arange(E), cap)[:T]
         return ops.from_numpy(owner, work.scaled), ops.full(E, 0.0), 0
@@ -332,6 +352,7 @@ def _solve_auction(ops, work: Working, cap, cap_x, *, tol, eps_start, factor, sw
     C = work.clipped
     C_host = ops.to_numpy(C)
     T, E = C_host.shape
+    switch = _switch(switch, T, 32)
     if work.spread == 0.0:
         owner = np.repeat(np.arange(E), cap)[:T]
         return ops.from_numpy(owner, work.scaled), ops.full(E, 0.0), 0
@@ -432,7 +453,7 @@ METHODS: dict[str, Method] = {
             "tol": (1e-6, _positive),
             "eps_start": (1 / 128, _positive),
             **_AUCTION_FAMILY,
-            "switch": (64, _count),
+            "switch": (None, _optional_count),
         },
         "optimal: auction prices, then shortest augmenting paths (host)",
     ),
@@ -442,7 +463,7 @@ METHODS: dict[str, Method] = {
             "tol": (1e-6, _positive),
             "eps_start": (1 / 32, _positive),
             **_AUCTION_FAMILY,
-            "switch": (32, _count),
+            "switch": (None, _optional_count),
         },
         "epsilon-scaled auction within tol (numpy or torch on the input's device)",
     ),

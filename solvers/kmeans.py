@@ -29,7 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from solvers._validate import as_real_numpy, like_source
+from solvers._validate import (
+    SEED_LIMIT,
+    as_real_numpy,
+    like_source,
+    require_float,
+    require_int,
+    require_seed,
+)
 
 __all__ = ["KMeansResult", "kmeans"]
 
@@ -161,26 +168,24 @@ def kmeans(
         [0.05, 10.1]
     """
     arr, source = as_real_numpy("x", x, 2, "[n, d]")
-    for name, value, low in (("k", k, 1), ("n_init", n_init, 1), ("max_iter", max_iter, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+    k = require_int("k", k, 1)
+    n_init = require_int("n_init", n_init, 1)
+    max_iter = require_int("max_iter", max_iter, 1)
     n = arr.shape[0]
     if k > n:
         raise ValueError(f"k must be <= the number of points n = {n}, got k = {k}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
+    seed = require_seed(seed)
+    if seed + n_init > SEED_LIMIT:
+        raise ValueError(f"seed + n_init must be <= 2**64 (restarts use seed + r), got {seed}")
+    tol = require_float("tol", tol, minimum=0.0)
 
     x_sq = (arr * arr).sum(1)
     scale = float(((arr - arr.mean(0)) ** 2).sum(1).mean()) if n else 0.0
     abs_tol = tol * scale
     best = None
     for r in range(n_init):
-        rng = np.random.default_rng(int(seed) + r)
-        centers = _plus_plus(arr, x_sq, int(k), rng)
+        rng = np.random.default_rng(seed + r)
+        centers = _plus_plus(arr, x_sq, k, rng)
         centers, iters, converged = _lloyd(arr, x_sq, centers, max_iter, abs_tol)
         labels, dist = _final_labels(arr, centers)
         inertia = float(dist.sum())

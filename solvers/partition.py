@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from solvers._validate import as_real_numpy, like_source
+from solvers._validate import as_real_numpy, like_source, require_int
 
-__all__ = ["PartitionResult", "balanced_partition", "greedy_partition"]
+__all__ = ["PartitionResult", "balanced_partition", "greedy_partition", "improve_partition"]
 
 
 @dataclass
@@ -66,18 +66,7 @@ class PartitionResult:
 
 def _as_weights(weights: object) -> tuple[np.ndarray, Any]:
     """Weights as float64 numpy ``[n]`` plus the torch tensor they came from (or None)."""
-    arr, source = as_real_numpy("weights", weights, 1, "[n]")
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"weights must be >= 0, min is {arr.min()}")
-    return arr, source
-
-
-def _check_bins(bins: object) -> int:
-    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)):
-        raise TypeError(f"bins must be an int, got {type(bins).__name__} ({bins!r})")
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
-    return int(bins)
+    return as_real_numpy("weights", weights, 1, "[n]", nonnegative=True)
 
 
 def _greedy(w: np.ndarray, order: np.ndarray, bins: int) -> np.ndarray:
@@ -95,23 +84,49 @@ def _loads(w: np.ndarray, assignment: np.ndarray, bins: int) -> np.ndarray:
     return np.bincount(assignment, weights=w, minlength=bins).astype(np.float64)
 
 
-def _improve(
-    w: np.ndarray, assignment: np.ndarray, bins: int, max_iter: int
+def improve_partition(
+    w: np.ndarray,
+    assignment: np.ndarray,
+    bins: int,
+    *,
+    max_iter: int,
+    groups: np.ndarray | None = None,
+    moves: bool = True,
+    lower_bound: float | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Local improvement: moves and swaps out of a most-loaded bin (see module doc)."""
+    """Local improvement (module doc): moves and swaps out of a most-loaded bin.
+
+    Each step takes, over every other bin, the move of one item of the most-loaded bin
+    ``top`` (or its swap with a lighter item) whose pair maximum
+    ``max(L_top - delta, L_other + delta)`` is smallest, ``delta`` strictly inside
+    ``(0, L_top - L_other)``; it stops when none lowers ``L_top``, after ``max_iter`` steps,
+    or once ``max load <= lower_bound`` (nothing can do better).
+
+    ``groups [n]`` (ints): items only swap with items of their own group; with
+    ``moves=False`` no item moves alone, so every group's per-bin counts are kept (the
+    dispersed hash table's constraint). Returns ``(assignment, steps)``; deterministic.
+    """
     assignment = assignment.copy()
+    n = w.shape[0]
     loads = _loads(w, assignment, bins)
-    scale = max(float(w.sum()), 1.0)
-    eps = 1e-12 * scale
-    moves = 0
-    while moves < max_iter:
+    eps = 1e-12 * max(float(w.sum()), 1.0)
+    group = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups, np.int64)
+    # exact integer keys (group, rank of weight): the per-group search is one searchsorted
+    values = np.unique(np.concatenate([w, [0.0]]))
+    rank = np.searchsorted(values, w)
+    stride = values.size + 1
+    steps = 0
+    while steps < max_iter:
         top = int(np.argmax(loads))
+        if lower_bound is not None and loads[top] <= lower_bound + eps:
+            break
         members = np.flatnonzero(assignment == top)
         if members.size == 0:
             break
-        wa = w[members]
+        wa, ga = w[members], group[members]
         by_bin = np.argsort(assignment, kind="stable")
         starts = np.concatenate([[0], np.cumsum(np.bincount(assignment, minlength=bins))])
+        phantom_groups = np.unique(ga) if moves else np.zeros(0, dtype=np.int64)
         best = None  # (resulting pair max, other bin, member idx, other item or -1)
         for other in range(bins):
             if other == top:
@@ -121,18 +136,23 @@ def _improve(
                 continue
             # candidates b in the other bin (or "nothing", weight 0): delta = wa - wb
             others = by_bin[starts[other] : starts[other + 1]]
-            wb = np.concatenate([[0.0], w[others]])
-            idx_b = np.concatenate([[-1], others])
-            order = np.argsort(wb, kind="stable")
-            wb_sorted, idx_sorted = wb[order], idx_b[order]
+            idx_b = np.concatenate([np.full(phantom_groups.size, -1), others])
+            wb = np.concatenate([np.zeros(phantom_groups.size), w[others]])
+            gb = np.concatenate([phantom_groups, group[others]])
+            rb = np.concatenate([np.zeros(phantom_groups.size, np.int64), rank[others]])
+            if not idx_b.size:
+                continue
+            order = np.lexsort((rb, gb))  # stable: "nothing" first among equal weights
+            key = gb[order] * stride + rb[order]
+            wb_sorted, idx_sorted, gb_sorted = wb[order], idx_b[order], gb[order]
             # for each a, the best delta is the one closest to gap/2, within (0, gap)
-            target = wa - gap / 2.0
-            pos = np.searchsorted(wb_sorted, target)
+            target = ga * stride + np.searchsorted(values, wa - gap / 2.0)
+            pos = np.searchsorted(key, target)
             for cand in (pos - 1, pos):
-                ok = (cand >= 0) & (cand < wb_sorted.size)
-                cand_c = np.clip(cand, 0, wb_sorted.size - 1)
+                ok = (cand >= 0) & (cand < key.size)
+                cand_c = np.clip(cand, 0, key.size - 1)
                 delta = wa - wb_sorted[cand_c]
-                ok &= (delta > eps) & (delta < gap - eps)
+                ok &= (gb_sorted[cand_c] == ga) & (delta > eps) & (delta < gap - eps)
                 if not ok.any():
                     continue
                 pair_max = np.maximum(loads[top] - delta, loads[other] + delta)
@@ -150,8 +170,8 @@ def _improve(
             assignment[b] = top
             loads[top] += w[b]
             loads[other] -= w[b]
-        moves += 1
-    return assignment, moves
+        steps += 1
+    return assignment, steps
 
 
 def greedy_partition(weights: object, bins: int) -> PartitionResult:
@@ -160,7 +180,7 @@ def greedy_partition(weights: object, bins: int) -> PartitionResult:
     The baseline :func:`balanced_partition` never does worse than.
     """
     w, source = _as_weights(weights)
-    bins = _check_bins(bins)
+    bins = require_int("bins", bins, 1)
     assignment = _greedy(w, np.arange(w.shape[0]), bins)
     return _result(w, assignment, bins, 0, "greedy", source)
 
@@ -189,11 +209,10 @@ def balanced_partition(
         (9.0, [9.0, 9.0])
     """
     w, source = _as_weights(weights)
-    bins = _check_bins(bins)
-    if max_iter is None:
-        max_iter = 10 * w.shape[0] + 10
-    elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+    bins = require_int("bins", bins, 1)
+    max_iter = 10 * w.shape[0] + 10 if max_iter is None else require_int("max_iter", max_iter, 0)
+    if not isinstance(improve, (bool, np.bool_)):
+        raise TypeError(f"improve must be a bool, got {type(improve).__name__} ({improve!r})")
     lpt = _greedy(w, np.argsort(-w, kind="stable"), bins)
     plain = _greedy(w, np.arange(w.shape[0]), bins)
     if _loads(w, plain, bins).max(initial=0.0) < _loads(w, lpt, bins).max(initial=0.0):
@@ -202,7 +221,7 @@ def balanced_partition(
         assignment, method = lpt, "lpt"
     moves = 0
     if improve and bins > 1 and w.shape[0]:
-        assignment, moves = _improve(w, assignment, bins, max_iter)
+        assignment, moves = improve_partition(w, assignment, bins, max_iter=max_iter)
         method += "+local"
     return _result(w, assignment, bins, moves, method, source)
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from solvers._validate import as_real_numpy, like_source, require_int, require_seed
 from solvers.kmeans import kmeans
 from solvers.partition import balanced_partition, improve_partition
-from solvers._validate import as_real_numpy, like_source, require_int, require_seed
 
 __all__ = [
     "MAX_VOCAB",

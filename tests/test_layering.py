@@ -34,3 +34,33 @@ def test_packages_import_only_downstream(package):
         and str(path.relative_to(ROOT)) not in ENTRY_POINTS
     }
     assert not offenders, f"{package} must not import {sorted(FORBIDDEN[package])}: {offenders}"
+
+
+# Issue 16: combinatorics on arrays live in solvers; routers keep tables and routing.
+COMBINATORIAL = {"kmeans", "balanced_partition", "greedy_partition", "improve_partition"}
+
+
+def test_routers_hold_no_table_building_combinatorics():
+    offenders = {}
+    for path in sorted((ROOT / "routelab" / "routers").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        imported = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("solvers")
+            for alias in node.names
+        }
+        builders = {
+            node.name
+            for node in tree.body
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_table")
+        }
+        if imported & COMBINATORIAL or builders:
+            offenders[str(path.relative_to(ROOT))] = sorted((imported & COMBINATORIAL) | builders)
+    assert not offenders, f"table builders belong in solvers.tables: {offenders}"
+    import solvers.tables
+
+    for name in ("random_table", "balanced_table", "clustered_table", "dispersed_table"):
+        assert callable(getattr(solvers.tables, name))

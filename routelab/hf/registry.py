@@ -344,17 +344,27 @@ for _spec in (
         ("olmoe",), "OlmoeTopKRouter", normalise="norm_topk_prob", notes=_TOP_K_SOFTMAX_NORM
     ),
     RouterSpec(
-        ("deepseek_v3",),
-        "DeepseekV3TopkRouter",
-        score="sigmoid",
-        normalise="norm_topk_prob",
-        norm_eps=1e-20,
-        scale="routed_scaling_factor",
-        selection_bias="e_score_correction_bias",
-        group_limit="top2_sum",
-        notes="sigmoid scores; selection on scores + e_score_correction_bias within the "
-        "topk_group best of n_group groups (group score: sum of its two best); weights "
-        "the unbiased scores, renormalised if norm_topk_prob, times routed_scaling_factor",
+        ("flex_olmo",), "FlexOlmoTopKRouter", normalise="norm_topk_prob", notes=_TOP_K_SOFTMAX_NORM
+    ),
+    *(
+        RouterSpec(
+            (model_type,),
+            router_class,
+            score="sigmoid",
+            normalise="norm_topk_prob",
+            norm_eps=1e-20,
+            scale="routed_scaling_factor",
+            selection_bias="e_score_correction_bias",
+            group_limit="top2_sum",
+            notes="sigmoid scores; selection on scores + e_score_correction_bias within the "
+            "topk_group best of n_group groups (group score: sum of its two best); weights "
+            "the unbiased scores, renormalised if norm_topk_prob, times routed_scaling_factor",
+        )
+        for model_type, router_class in (
+            ("deepseek_v3", "DeepseekV3TopkRouter"),
+            ("glm4_moe", "Glm4MoeTopkRouter"),
+            ("dots1", "Dots1TopkRouter"),
+        )
     ),
     RouterSpec(
         ("deepseek_v2",),

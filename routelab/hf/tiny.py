@@ -5,7 +5,8 @@ tokenizer with ``tokenizers`` on text (default: a few standard-library files);
 :func:`tiny_checkpoint` builds a randomly initialised model from the architecture's
 own ``transformers`` config class (2 layers, 4-8 experts, width 32; weights drawn
 with std 0.2 so that experts matter to the loss), makes its routers
-decisive (router weights drawn with std 0.5, a random DeepSeek-V3 selection bias) and
+decisive (router weights drawn with std 0.5, a random selection bias where the router
+has one, as DeepSeek-V3's) and
 writes model and tokenizer with ``save_pretrained``; :func:`load_pretrained` loads a
 checkpoint directory exactly as a user's checkpoint is loaded (``AutoTokenizer`` and
 ``AutoModelForCausalLM``, or ``AutoModelForSeq2SeqLM`` for encoder-decoders), with
@@ -34,19 +35,22 @@ _DECODER = {
     "max_position_embeddings": 256,
     "initializer_range": 0.2,  # experts large enough that a router swap moves the loss
 }
-_DEEPSEEK = {
+_GROUPED = {
     "n_routed_experts": 8,
     "num_experts_per_tok": 2,
     "moe_intermediate_size": 32,
     "n_group": 4,
     "topk_group": 2,
     "first_k_dense_replace": 0,
+    "n_shared_experts": 1,
+}
+_DEEPSEEK = {
+    **_GROUPED,
     "q_lora_rank": None,
     "kv_lora_rank": 16,
     "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8,
     "v_head_dim": 16,
-    "n_shared_experts": 1,
 }
 
 # Per model_type: the config keywords of a tiny model (vocab_size comes from the tokenizer).
@@ -71,6 +75,9 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "olmoe": {**_DECODER, "num_experts": 4, "num_experts_per_tok": 2},
     "deepseek_v3": {**_DECODER, **_DEEPSEEK, "routed_scaling_factor": 2.5},
     "deepseek_v2": {**_DECODER, **_DEEPSEEK, "topk_method": "group_limited_greedy"},
+    "glm4_moe": {**_DECODER, **_GROUPED, "routed_scaling_factor": 1.5, "head_dim": 16},
+    "dots1": {**_DECODER, **_GROUPED, "norm_topk_prob": False, "head_dim": 16},
+    "flex_olmo": {**_DECODER, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True},
     "gpt_oss": {
         **_DECODER,
         "num_local_experts": 4,

@@ -1,6 +1,6 @@
 """Routers: one file per family, all returning a :class:`routelab.Routing`."""
 
-from routelab.routers.base_layer import BASERouter
+from routelab.routers.base_layer import BalancedAssignmentRouter, BASERouter
 from routelab.routers.cosine import CosineTopKGate
 from routelab.routers.dselect_k import DSelectKGate
 from routelab.routers.expert_choice import ExpertChoiceRouter
@@ -16,6 +16,7 @@ from routelab.routers.topk import TokenChoiceRouter, TopKGate, TopKRouter, TopKS
 
 __all__ = [
     "BASERouter",
+    "BalancedAssignmentRouter",
     "CosineTopKGate",
     "DSelectKGate",
     "ExpertChoiceRouter",

@@ -2,20 +2,74 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from routelab.router import Router, router_logits
+from routelab.router import Router, check_router_input, router_logits
 from routelab.routing import Routing
 from solvers import balanced_assignment
 
-__all__ = ["BASERouter"]
+__all__ = ["BASERouter", "BalancedAssignmentRouter"]
 
 
-class BASERouter(Router):
+class BalancedAssignmentRouter(Router):
+    """Base class of routers whose routing is an assignment solved over scores ``[T, E]``.
+
+    ``route(x) = routing_from_assignment(s, assign(s))`` with ``s = expert_scores(x)``.
+    Subclasses implement the three steps:
+
+    - :meth:`expert_scores`: ``x [T, d] -> s [T, E]`` (differentiable);
+    - :meth:`assign`: ``s [T, E] -> a`` int64 ``[T]`` (the balanced assignment in
+      training; deterministic, so every process solving the same scores agrees);
+    - :meth:`routing_from_assignment`: ``(s, a) -> Routing`` (the combine weights).
+
+    Expert parallelism solves one problem over every rank's tokens through
+    :meth:`route_with_assignment`, which replaces :meth:`assign` for one call and keeps
+    the router's own input checks and weights.
+    """
+
+    def expert_scores(self, x: Tensor) -> Tensor:
+        """The scores ``[T, E]`` of validated ``x [T, d]`` (at least fp32)."""
+        raise NotImplementedError
+
+    def assign(self, scores: Tensor) -> Tensor:
+        """int64 ``[T]``: the expert of each token for ``scores [T, E]``."""
+        raise NotImplementedError
+
+    def routing_from_assignment(self, scores: Tensor, assignment: Tensor) -> Routing:
+        """The Routing of ``assignment [T]`` over ``scores [T, E]``."""
+        raise NotImplementedError
+
+    def route(self, x: Tensor, token_ids: Tensor | None) -> Routing:
+        scores = self.expert_scores(x)
+        return self.routing_from_assignment(scores, self.assign(scores))
+
+    def route_with_assignment(
+        self,
+        x: Tensor,
+        token_ids: Tensor | None = None,
+        *,
+        assign: Callable[[Tensor], Tensor],
+    ) -> Routing:
+        """The routing of ``x [T, d]`` with ``assign(scores [T, E]) -> int64 [T]`` in place
+        of :meth:`assign` (e.g. gather every rank's scores, solve once, keep this rank's
+        slice). ``x`` and ``token_ids`` are validated as in ``forward``."""
+        check_router_input(x, self.d_model, token_ids, need_token_ids=self.requires_token_ids)
+        scores = self.expert_scores(x)
+        assignment = assign(scores)
+        if not isinstance(assignment, Tensor) or tuple(assignment.shape) != (x.shape[0],):
+            raise ValueError(
+                f"assign must return an int64 tensor [T] = [{x.shape[0]}], got "
+                f"{getattr(assignment, 'shape', type(assignment).__name__)}"
+            )
+        return self.routing_from_assignment(scores, assignment)
+
+
+class BASERouter(BalancedAssignmentRouter):
     """BASE layer router (Lewis et al. 2021, "BASE Layers: Simplifying Training of Large,
     Sparse Models").
 
@@ -34,9 +88,9 @@ class BASERouter(Router):
     embeddings learn through the sigmoid combine weight. ``probs`` is
     ``softmax(s) [T, E]``, the affinity distribution (for analysis; BASE does not use it).
 
-    The pieces are public so that expert parallelism can all-gather the scores, solve the
-    one global problem (deterministic: every process gets the same answer) and build its
-    local routing: :meth:`expert_scores`, :meth:`assign`, :meth:`routing_from_assignment`.
+    A :class:`BalancedAssignmentRouter`: expert parallelism can all-gather the scores,
+    solve the one global problem (deterministic: every process gets the same answer) and
+    build its local routing (:meth:`BalancedAssignmentRouter.route_with_assignment`).
 
     Args:
         d_model: d.
@@ -83,10 +137,6 @@ class BASERouter(Router):
             num_experts=E,
             probs=torch.softmax(scores, dim=-1),
         )
-
-    def route(self, x: Tensor, token_ids: Tensor | None) -> Routing:
-        scores = self.expert_scores(x)
-        return self.routing_from_assignment(scores, self.assign(scores))
 
     def extra_repr(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.solver_options.items())

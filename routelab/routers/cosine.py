@@ -104,6 +104,4 @@ class CosineTopKGate(TokenChoiceRouter):
         return aux
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, d_proj={self.d_proj}, balance_weight={self.balance_weight}"
-        )
+        return f"{super().extra_repr()}, d_proj={self.d_proj}, balance_weight={self.balance_weight}"

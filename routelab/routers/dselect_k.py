@@ -149,7 +149,8 @@ class DSelectKGate(Router):
             z = upcast_half(self.z)[None]  # [1, k, m]
             alpha = upcast_half(self.alpha)[None]  # [1, k]
         r = selector_weights(smooth_step(z, self.gamma), self.num_experts)  # [., k, E]
-        gates = (torch.softmax(alpha, dim=-1).unsqueeze(-1) * r).sum(dim=-2)  # [., E]
+        mix = torch.softmax(alpha, dim=-1).unsqueeze(-2)  # [., 1, k]
+        gates = torch.matmul(mix, r).squeeze(-2)  # sum_i mix_i r_i: [., E]
         return gates, r
 
     def route(self, x: Tensor, token_ids: Tensor | None) -> Routing:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -11,7 +13,7 @@ from routelab.losses import check_loss_weight, load_balance_loss
 from routelab.router import check_k, router_logits
 from routelab.routers.topk import Selection, TokenChoiceRouter, TopKSelection
 
-__all__ = ["MoEPlusPlusGate"]
+__all__ = ["MoEPlusPlusGate", "link_gating_residuals"]
 
 
 class MoEPlusPlusGate(TokenChoiceRouter):
@@ -34,12 +36,14 @@ class MoEPlusPlusGate(TokenChoiceRouter):
     The selection is the token-choice ``TopKSelection(k, softmax_after_topk=True)``
     (:mod:`routelab.routers.topk`).
 
-    Gating residuals, the design: the gate of layer j is built with
-    ``residual_from=<the gate of layer j-1>`` and reads that gate's ``last_logits`` (the
-    ``[T, E]`` logits of its most recent forward, kept in the autograd graph so the
-    residual's gradient reaches layer j-1, as in the paper). No signature changes: the
-    model runs its layers in order as usual. A gate raises a clear error when the
-    previous gate has not run on the same tokens since this gate's last forward.
+    Gating residuals, the design: the gate of layer j is linked to the gate of layer j-1
+    (``residual_from=`` at construction, :meth:`link_residual`, or
+    :func:`link_gating_residuals` over a model's layers, which ``routelab.DeepMoE``
+    calls) and reads that gate's ``last_logits`` (the ``[T, E]`` logits of its most
+    recent forward, kept in the autograd graph so the residual's gradient reaches layer
+    j-1, as in the paper). No signature changes: the model runs its layers in order as
+    usual. A gate raises a clear error when the previous gate has not run on the same
+    tokens since this gate's last forward.
 
     Loss (heterogeneous load balance): ``aux["balance"] = balance_weight * E *
     sum_i eta_i f_i P_i`` with ``eta_i = 1`` for FFN experts and ``tau`` for null
@@ -56,6 +60,8 @@ class MoEPlusPlusGate(TokenChoiceRouter):
         balance_weight: >= 0 (absent from ``aux`` when 0).
         residual_from: the previous layer's MoEPlusPlusGate (None: no gating residual).
         residual_map: learn ``W_g`` (True) or add the previous logits unchanged.
+        gating_residual: whether :func:`link_gating_residuals` (which ``DeepMoE`` calls)
+            links this gate to the previous layer's; ``residual_from`` links it anyway.
         bias: whether the router has a bias.
         z_weight: router z-loss coefficient >= 0.
     """
@@ -71,6 +77,7 @@ class MoEPlusPlusGate(TokenChoiceRouter):
         balance_weight: float = 1e-2,
         residual_from: MoEPlusPlusGate | None = None,
         residual_map: bool = True,
+        gating_residual: bool = True,
         bias: bool = False,
         z_weight: float = 0.0,
     ) -> None:
@@ -86,27 +93,45 @@ class MoEPlusPlusGate(TokenChoiceRouter):
         self.balance_weight = check_loss_weight("balance_weight", balance_weight)
         self.differentiable = self.k > 1 or self.balance_weight > 0 or self.z_weight > 0
         self.proj = nn.Linear(d_model, num_experts, bias=bias)
-        if residual_from is not None and not isinstance(residual_from, MoEPlusPlusGate):
-            raise TypeError(
-                f"residual_from must be a MoEPlusPlusGate, got {type(residual_from).__name__}"
-            )
+        self.use_residual_map = require_bool("residual_map", residual_map)
+        self.gating_residual = require_bool("gating_residual", gating_residual)
         # a reference, not a submodule: the previous gate's parameters stay its own
-        self._residual_from = (residual_from,) if residual_from is not None else ()
+        self._residual_from: tuple[MoEPlusPlusGate, ...] = ()
         self.residual_map: nn.Linear | None = None
         if residual_from is not None:
-            if require_bool("residual_map", residual_map):
-                self.residual_map = nn.Linear(residual_from.num_experts, num_experts, bias=False)
-            elif residual_from.num_experts != num_experts:
-                raise ValueError(
-                    "residual_map=False adds the previous logits as they are: it needs the "
-                    f"same num_experts, got {residual_from.num_experts} and {num_experts}"
-                )
+            self.link_residual(residual_from)
         scale = torch.ones(num_experts, dtype=torch.float64)
         scale[num_experts - self.num_null :] = self.tau
         self.register_buffer("expert_scale", scale, persistent=False)
         self.last_logits: Tensor | None = None
         self.forward_count = 0
         self._consumed = -1
+
+    def link_residual(self, previous: MoEPlusPlusGate) -> None:
+        """Take gating residuals from ``previous`` (the gate of the layer before this one);
+        creates ``W_g`` (``residual_map``) when the gate has one. Call it before building
+        the optimiser."""
+        if not isinstance(previous, MoEPlusPlusGate):
+            raise TypeError(
+                f"residual_from must be a MoEPlusPlusGate, got {type(previous).__name__}"
+            )
+        if previous is self or self._residual_from:
+            raise ValueError("this gate already has its residual source (or it is itself)")
+        if not self.use_residual_map and previous.num_experts != self.num_experts:
+            raise ValueError(
+                "residual_map=False adds the previous logits as they are: it needs the "
+                f"same num_experts, got {previous.num_experts} and {self.num_experts}"
+            )
+        self._residual_from = (previous,)
+        if self.use_residual_map:
+            weight = self.proj.weight
+            self.residual_map = nn.Linear(
+                previous.num_experts,
+                self.num_experts,
+                bias=False,
+                device=weight.device,
+                dtype=weight.dtype,
+            )
 
     @property
     def residual_from(self) -> MoEPlusPlusGate | None:
@@ -159,3 +184,24 @@ class MoEPlusPlusGate(TokenChoiceRouter):
             f"{super().extra_repr()}, num_null={self.num_null}, tau={self.tau}, "
             f"gating_residual={self.residual_from is not None}"
         )
+
+
+def link_gating_residuals(layers: Iterable[nn.Module]) -> int:
+    """Link every MoE++ gate of consecutive layers to the gate of the layer before it.
+
+    ``layers`` in model order: MoE layers (their ``router``) or gates. A gate is linked
+    when the layer before it also has a :class:`MoEPlusPlusGate`, it has
+    ``gating_residual=True`` and no source yet. Returns the number of links made.
+    """
+    previous: MoEPlusPlusGate | None = None
+    linked = 0
+    for layer in layers:
+        gate = getattr(layer, "router", layer)
+        if not isinstance(gate, MoEPlusPlusGate):
+            previous = None
+            continue
+        if previous is not None and gate.gating_residual and gate.residual_from is None:
+            gate.link_residual(previous)
+            linked += 1
+        previous = gate
+    return linked

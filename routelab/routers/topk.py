@@ -174,28 +174,52 @@ class TopKSelection:
         """
         if logits.dim() != 2:
             raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
+        if not self.softmax_after_topk:
+            return self.select_scores(
+                self.scores(logits), selection_bias=selection_bias, indices=indices
+            )
         self.check(logits.shape[-1])
-        scores = self.scores(logits)
+        indices = self._indices(logits, selection_bias, indices)
+        weights = torch.softmax(logits.gather(-1, indices), dim=-1)
+        return Selection(indices, self._scaled(weights), torch.softmax(logits, dim=-1))
+
+    def select_scores(
+        self,
+        scores: Tensor,
+        *,
+        selection_bias: SelectionBias | Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> Selection:
+        """The same selection from scores ``s [T, E]`` already computed (a softmax or
+        sigmoid output, or any router's ``probs``): ``TopK(s + b)``, weights ``s[chosen]``
+        (normalised, scaled). ``probs`` is ``s`` for ``score="softmax"`` (taken as
+        normalised) and ``s / sum s`` for ``"sigmoid"``. Not for ``softmax_after_topk``,
+        which needs the logits."""
+        if self.softmax_after_topk:
+            raise ValueError("softmax_after_topk selects on logits: call select(logits)")
+        if scores.dim() != 2:
+            raise ValueError(f"scores must be [T, E], got shape {tuple(scores.shape)}")
+        self.check(scores.shape[-1])
         if self.score == "softmax":
             probs = scores
         else:
-            probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(
-                torch.finfo(scores.dtype).tiny
-            )
-        values = logits if self.softmax_after_topk else scores
+            tiny = torch.finfo(scores.dtype).tiny
+            probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(tiny)
+        indices = self._indices(scores, selection_bias, indices)
+        weights = scores.gather(-1, indices)
+        if self.normalize:
+            weights = _normalise_rows(weights)
+        return Selection(indices, self._scaled(weights), probs)
+
+    def _indices(
+        self, values: Tensor, selection_bias: SelectionBias | Tensor | None, indices: Tensor | None
+    ) -> Tensor:
         if indices is None:
-            indices = self._choose(values.detach(), selection_bias)
-        else:
-            indices = _check_indices(indices, logits.shape[0], self.k, logits.shape[-1])
-        if self.softmax_after_topk:
-            weights = torch.softmax(logits.gather(-1, indices), dim=-1)
-        else:
-            weights = scores.gather(-1, indices)
-            if self.normalize:
-                weights = _normalise_rows(weights)
-        if self.scaling_factor != 1.0:
-            weights = weights * self.scaling_factor
-        return Selection(indices, weights, probs)
+            return self._choose(values.detach(), selection_bias)
+        return _check_indices(indices, values.shape[0], self.k, values.shape[-1])
+
+    def _scaled(self, weights: Tensor) -> Tensor:
+        return weights * self.scaling_factor if self.scaling_factor != 1.0 else weights
 
     def _choose(self, values: Tensor, selection_bias: SelectionBias | Tensor | None) -> Tensor:
         if isinstance(selection_bias, SelectionBias):

@@ -48,3 +48,12 @@ def test_specialised_slots_carry_label_information():
         soft_moe_stats(out, labels=torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="SoftMoEOutput"):
         soft_moe_stats(object())
+
+
+def test_padded_positions_of_a_last_group_are_not_tokens():
+    torch.manual_seed(0)
+    layer = SoftMoE(4, 2, FFNExperts(2, 4, 8), group_size=4)
+    stats = soft_moe_stats(layer(torch.randn(6, 4)), labels=torch.tensor([0, 1, 0, 1, 0, 1]))
+    assert float(stats.combine_mass.sum()) == pytest.approx(6.0)
+    assert stats.expert_rows_per_token == pytest.approx(2 * 2 / 6)  # 2 groups x 2 slots
+    assert float(stats.table.sum()) == pytest.approx(4.0)  # each of the 4 slots: mass 1

@@ -167,6 +167,8 @@ def make_router(kind: str, num_experts: int) -> Any:
         "dselect_k": ("DSelectKGate", {"k": 2}),
         "expert_choice": ("ExpertChoiceRouter", {}),
         "sinkhorn": ("SinkhornRouter", {}),
+        "top_p": ("TopPGate", {"p": 0.6}),  # variable experts per token
+        "remoe": ("ReMoEGate", {"k": 2}),
         "deepseek": (  # sigmoid, 2 groups (top 1), selection bias, scaled, sequence loss
             "TopKRouter",
             {
@@ -513,3 +515,57 @@ def failing_rank(rank: int, world: int, config: dict[str, Any]) -> None:
     width = D_MODEL + 1 if rank == config["bad_rank"] else D_MODEL
     out = layer(torch.randn(5, width)).output
     out.sum().backward()
+
+
+# ---------------------------------------------------------------------- balancing state
+def balancing_state(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
+    """Every rank trains the same replicated layer (top-2 gate, loss-free bias, pausing)
+    on its own, rank-skewed data for a few steps, with a checkpointed micro-batch; the
+    update step all-reduces the loads. Returns the final state and the per-step local
+    loads and masses (so the parent can recompute the update independently)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from routelab import FFNExperts, MoE
+    from routelab.balancing import update_balancing
+    from routelab.policies import LossFreeBalancingPolicy, PausingPolicy
+    from routelab.routers import TopKGate
+
+    E = 4
+    torch.manual_seed(0)  # identical replicas
+    bias = LossFreeBalancingPolicy(E, rate=0.25)
+    pausing = PausingPolicy(E, margin=0.5)
+    layer = MoE(TopKGate(D_MODEL, E, k=2), FFNExperts(E, D_MODEL, D_HIDDEN), [bias, pausing])
+    gen = torch.Generator().manual_seed(1000 + rank)
+    loads, masses = [], []
+    for step in range(config["steps"]):
+        step_mass = torch.zeros(E, dtype=torch.float64)
+        for micro in range(2):  # gradient accumulation: two micro-batches per update
+            size = 6 + 5 * rank + step  # the ranks' batches differ in size and content
+            x = torch.randn(size, D_MODEL, generator=gen) + rank * torch.arange(D_MODEL) * 0.3
+            x.requires_grad_(True)
+            out = {}
+
+            def run(t: torch.Tensor, out: dict = out) -> torch.Tensor:
+                result = layer(t)
+                out["routing"] = result.routing
+                return result.output
+
+            if micro == 1:  # the second micro-batch is checkpointed (recomputed in backward)
+                y = checkpoint(run, x, use_reentrant=False)
+            else:
+                y = run(x)
+            y.square().sum().backward()
+            routing = out["routing"]
+            step_mass += torch.zeros(E, dtype=torch.float64).index_add(
+                0, routing.expert, routing.weight.detach().double()
+            )
+        loads.append(bias.pending("load").clone())
+        masses.append(step_mass)
+        update_balancing(layer, group=dist.group.WORLD)
+    return {
+        "bias": bias.bias.clone(),
+        "totals": pausing.totals.clone(),
+        "loads": torch.stack(loads),
+        "masses": torch.stack(masses),
+        "observations": float(bias.pending_observations),
+    }

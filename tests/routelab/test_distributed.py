@@ -46,6 +46,9 @@ def _cases(world: int) -> list[dict]:
             ("dselect_k", "dselect_k", [5, 4], "per_rank", "full", {}),
             ("expert_choice_per_rank", "expert_choice", [6, 4], "per_rank", "chunks", {}),
             ("sinkhorn_global", "sinkhorn", [5, 6], "global", "full", {}),
+            # variable experts per token (top-p, ReLU routing), with and without capacity
+            ("top_p", "top_p", [5, 4], "per_rank", "full", {}),
+            ("remoe_capacity_per_rank", "remoe", [6, 3], "per_rank", "chunks", {"capacity": 1.0}),
             ("deepseek_shared", "deepseek", [5, 3], "per_rank", "full", {"shared": True}),
         ]
     else:
@@ -210,8 +213,42 @@ def test_shards_hold_the_global_experts(activation, bias):
         assert full.w_in.abs().sum() > 0
     with pytest.raises(ValueError, match="divisible"):
         shard_experts(full, 0, 4)
-    with pytest.raises(TypeError, match="FFNExperts"):
+    with pytest.raises(TypeError, match="Experts"):
         shard_experts(torch.nn.Linear(2, 2), 0, 1)
+
+
+class _GatedOutputExperts(FFNExperts):
+    """FFNExperts with a parameter distributed.py has never heard of."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.output_gate = torch.nn.Parameter(torch.randn(self.num_experts, self.d_model))
+
+
+def test_a_new_experts_parameter_shards_without_touching_distributed():
+    torch.manual_seed(0)
+    full = _GatedOutputExperts(6, 4, 8)
+    for rank in range(3):
+        shard = shard_experts(full, rank, 3)
+        assert type(shard) is _GatedOutputExperts and shard.num_experts == 2
+        ids = expert_range(6, rank, 3)
+        torch.testing.assert_close(shard.output_gate, full.output_gate[ids.start : ids.stop])
+        torch.testing.assert_close(shard.w_out, full.w_out[ids.start : ids.stop])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("e_local", [1, 2, 4])
+def test_received_rows_are_put_in_expert_order_without_a_sort(world, e_local):
+    """The receiving side's permutation equals a stable sort of the rows' local experts."""
+    from routelab.distributed import _source_to_expert_order
+
+    chunks = torch.randint(0, 4, (world, e_local), generator=torch.Generator().manual_seed(7))
+    labels = torch.arange(e_local).repeat(world).repeat_interleave(chunks.reshape(-1))
+    order = _source_to_expert_order(chunks, labels.shape[0])
+    if order is None:
+        assert world == 1 or e_local == 1
+        order = torch.arange(labels.shape[0])
+    assert torch.equal(order, torch.argsort(labels, stable=True))
 
 
 def test_layer_needs_an_initialised_process_group():

@@ -235,3 +235,31 @@ def test_all_codes_enumerated_once():  # the bit layout: code l has bit j = (l >
             r = selector_weights(torch.tensor(bits), 2**m)
             code = sum(int(b) << j for j, b in enumerate(bits))
             assert r.tolist() == [1.0 if c == code else 0.0 for c in range(2**m)]
+
+
+def _per_code_selector(steps, num_experts):
+    """The per-code formula written out directly: ``[..., 2^m, m]`` factors, product over
+    the bits, then the same masking and renormalisation as ``selector_weights``."""
+    m = steps.shape[-1]
+    codes = torch.arange(2**m)
+    on = ((codes[:, None] >> torch.arange(m)) & 1).bool()
+    full = torch.where(on, steps.unsqueeze(-2), 1.0 - steps.unsqueeze(-2)).prod(dim=-1)
+    if num_experts == 2**m:
+        return full
+    valid = full[..., :num_experts]
+    return valid / valid.sum(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("E", [2, 5, 8, 64])
+def test_selector_weights_and_gradients_match_the_per_code_formula(E):
+    """The bit-by-bit construction gives the per-code formula's values and gradients."""
+    m = max(1, math.ceil(math.log2(E)))
+    gen = torch.Generator().manual_seed(E)
+    steps = (0.05 + 0.9 * torch.rand(7, 3, m, generator=gen, dtype=torch.float64)).requires_grad_()
+    got = selector_weights(steps, E)
+    want = _per_code_selector(steps, E)
+    torch.testing.assert_close(got, want, atol=1e-15, rtol=1e-13)
+    coef = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad((got * coef).sum(), steps)
+    (g_want,) = torch.autograd.grad((want * coef).sum(), steps)
+    torch.testing.assert_close(g_got, g_want, atol=1e-13, rtol=1e-12)

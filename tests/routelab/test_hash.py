@@ -8,17 +8,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from analysis import hash_expected_load, hash_load_imbalance
 from routelab import FFNExperts, MoE, validation
 from routelab.corpus import load_stdlib_corpus
 from routelab.routers import HashRouter
-from routelab.routers.hash import (
-    STRATEGIES,
-    dispersed_table,
-    multi_hash_table,
-    random_table,
-)
+from routelab.routers.hash import STRATEGIES
 from routelab.testing import RouterContract, check_routing
 from solvers import greedy_partition
+from solvers.tables import dispersed_table, multi_hash_table, random_table
 
 
 def _seed_from_torch() -> int:
@@ -138,7 +135,7 @@ def test_random_table_matches_a_pure_python_splitmix64(seed, index, E):
 
 def test_random_table_known_values_and_state_dict_round_trip():
     # pinned: a change here would silently re-route every saved model
-    table = random_table(12, 4, seed=0)
+    table = torch.from_numpy(random_table(12, 4, seed=0))
     assert table.tolist() == [1, 0, 2, 3, 1, 0, 1, 0, 2, 3, 1, 3]
     assert table.dtype == torch.int64 and table.shape == (12,)
     router = HashRouter.fit("random", 4, d_model=3, vocab_size=12, seed=0)
@@ -153,11 +150,11 @@ def test_random_table_known_values_and_state_dict_round_trip():
 
 
 def test_random_table_spreads_tokens_evenly():
-    table = random_table(64_000, 16, seed=3)
+    table = torch.from_numpy(random_table(64_000, 16, seed=3))
     counts = torch.bincount(table, minlength=16).double()
     # binomial(64000, 1/16): sd ~ 61; 6 sd is far outside chance
     assert float((counts - 4000).abs().max()) < 370
-    seeds = [random_table(1000, 16, seed=s) for s in range(3)]
+    seeds = [torch.from_numpy(random_table(1000, 16, seed=s)) for s in range(3)]
     assert not torch.equal(seeds[0], seeds[1]) and not torch.equal(seeds[1], seeds[2])
 
 
@@ -188,10 +185,10 @@ def test_balanced_beats_random_on_the_stdlib_stream(stdlib_stream, E):
         "balanced", E, d_model=4, token_ids=stdlib_stream.ids, vocab_size=4096
     )
     rand = HashRouter.fit("random", E, d_model=4, vocab_size=4096)
-    b, r = balanced.load_imbalance(counts), rand.load_imbalance(counts)
+    b, r = hash_load_imbalance(balanced, counts), hash_load_imbalance(rand, counts)
     assert b < r
     # balanced is at (or within 1% of) the lower bound max(mean, heaviest token)
-    load = balanced.expected_load(counts)
+    load = hash_expected_load(balanced, counts)
     bound = max(float(load.mean()), float(counts.max()))
     assert float(load.max()) <= bound * 1.01
     # and it balances what it saw: the realised load of the training stream
@@ -205,20 +202,20 @@ def test_balanced_on_held_out_text_still_beats_random(stdlib_stream):
     test_counts = torch.bincount(test, minlength=4096)
     balanced = HashRouter.fit("balanced", 16, d_model=4, token_ids=train, vocab_size=4096)
     rand = HashRouter.fit("random", 16, d_model=4, vocab_size=4096)
-    assert balanced.load_imbalance(test_counts) < rand.load_imbalance(test_counts)
+    assert hash_load_imbalance(balanced, test_counts) < hash_load_imbalance(rand, test_counts)
 
 
 def test_balanced_never_worse_than_greedy_on_the_stream(stdlib_stream):
     counts = stdlib_stream.counts
     router = HashRouter.fit("balanced", 16, d_model=4, token_ids=stdlib_stream.ids)
     greedy = greedy_partition(counts[counts > 0].double(), 16)
-    assert float(router.expected_load(counts).max()) <= greedy.max_load
+    assert float(hash_expected_load(router, counts).max()) <= greedy.max_load
 
 
 def test_balanced_unseen_tokens_keep_the_random_hash():
     stream = torch.tensor([0, 0, 1, 2, 2, 2])
     router = HashRouter.fit("balanced", 3, d_model=2, token_ids=stream, vocab_size=10, seed=5)
-    assert torch.equal(router.table[3:], random_table(10, 3, seed=5)[3:])
+    assert router.table[3:].tolist() == random_table(10, 3, seed=5)[3:].tolist()
     assert sorted(router.table[:3].tolist()) == [0, 1, 2]  # three tokens, three experts
 
 
@@ -298,8 +295,8 @@ def test_dispersed_balances_the_stdlib_stream_and_keeps_cluster_counts(stdlib_st
     )
     rand = HashRouter.fit("random", 16, d_model=2, vocab_size=4096)
     bound = max(1.0, float(counts.max()) / (float(counts.sum()) / 16))
-    assert router.load_imbalance(counts) < rand.load_imbalance(counts)
-    assert router.load_imbalance(counts) <= bound * 1.1  # random: about 2x the bound
+    assert hash_load_imbalance(router, counts) < hash_load_imbalance(rand, counts)
+    assert hash_load_imbalance(router, counts) <= bound * 1.1  # random: about 2x the bound
     labels = kmeans(emb, 16, seed=1, max_iter=50).labels
     for c in range(16):  # the swap pass kept every cluster's per-expert counts even
         per_expert = torch.bincount(router.table[labels == c], minlength=16)
@@ -329,7 +326,8 @@ def test_multi_hash_routes_one_sub_expert_per_group(N, E, T, seed):
     group = routing.expert // E
     for t in range(T):
         assert sorted(group[routing.token == t].tolist()) == list(range(N))
-    expected = (multi_hash_table(30, E, N, seed=seed)[:, ids] + torch.arange(N)[:, None] * E).t()
+    table = torch.from_numpy(multi_hash_table(30, E, N, seed=seed))
+    expected = (table[:, ids] + torch.arange(N)[:, None] * E).t()
     assert torch.equal(routing.expert.view(T, N), expected)
     assert bool((routing.weight == 1).all())
 
@@ -423,3 +421,68 @@ def test_every_strategy_is_covered_and_flags_are_set():
     out = moe(torch.randn(2, 5, 3, dtype=torch.bfloat16), torch.randint(3, (2, 5)))
     assert out.output.shape == (2, 5, 3) and out.routing.weight.dtype == torch.bfloat16
     np.testing.assert_array_equal(out.routing.load().sum().item(), 10)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        (("random", 4), {"vocab_size": 5, "seed": 2**64}, ValueError, r"seed must be <="),
+        (("random", 4), {"vocab_size": 5, "seed": 1.5}, TypeError, "seed must be an int"),
+        (("random", 4), {"vocab_size": 5, "seed": True}, TypeError, "seed must be an int"),
+        (("random", 2.5), {"vocab_size": 5}, TypeError, "num_experts must be an int"),
+        (("random", 4), {"vocab_size": True}, TypeError, "vocab_size must be an int"),
+        (("random", 4), {"vocab_size": 2**40}, ValueError, "vocab_size must be <="),
+        ((None, 4), {"vocab_size": 5}, ValueError, "strategy must be one of"),
+        (("balanced", 4), {"token_ids": torch.tensor([3, 10**9])}, ValueError, "pass vocab_size"),
+        (("balanced", 4), {"token_ids": torch.tensor([True, False])}, TypeError, "token_ids"),
+        (("balanced", 4), {"token_ids": [[1, 2], [3]]}, TypeError, "token_ids"),
+        (("multi-hash", 4), {"vocab_size": 5, "num_hashes": 0}, ValueError, "num_hashes"),
+        (("clustered", 2), {"embeddings": torch.randn(6, 2), "num_clusters": 2.5}, TypeError,
+         "num_clusters must be an int"),
+        (("clustered", 2), {"embeddings": torch.full((6, 2), float("nan"))}, ValueError,
+         "embeddings must be finite"),
+        (("dispersed", 2), {"embeddings": torch.randn(6)}, ValueError, r"\[V, d\]"),
+        (("dispersed", 2), {"embeddings": torch.randn(6, 2), "num_clusters": 7}, ValueError,
+         "num_clusters must be <= V"),
+    ],
+)  # fmt: skip
+def test_hostile_fit_arguments_are_clear_errors(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        HashRouter.fit(*args, d_model=2, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("table", "error", "match"),
+    [
+        (torch.tensor([0, 9, 1, 2]), ValueError, r"expert ids in \[0, 4\).*max 9"),
+        (torch.tensor([0, -1, 1, 2]), ValueError, r"min -1"),
+        (torch.tensor([0.0, 1.0, 1.0, 2.0]), TypeError, "integer tensor"),
+        (torch.tensor([True, False, True, True]), TypeError, "integer tensor"),
+        (torch.tensor([0, 1, 2]), ValueError, "shape"),
+        (torch.zeros(2, 4, dtype=torch.long), ValueError, "shape"),
+    ],
+)
+def test_load_state_dict_refuses_bad_tables(table, error, match):
+    """A float table would be cast to long silently and an id >= E route to an expert
+    that does not exist (issue 10): both are refused, and the router keeps its table."""
+    router = HashRouter.fit("random", 4, d_model=2, vocab_size=4, seed=3)
+    before = router.table.clone()
+    with pytest.raises(error, match=match):
+        router.load_state_dict({"table": table})
+    assert torch.equal(router.table, before)
+    router.load_state_dict({"table": torch.tensor([3, 2, 1, 0])})  # a good one loads
+    assert router.table.tolist() == [3, 2, 1, 0]
+
+
+def test_table_builders_are_arrays_in_arrays_out():
+    """solvers.tables: numpy in (or nothing) -> numpy; torch in -> torch on its device."""
+    from solvers.tables import balanced_table, clustered_table
+
+    assert isinstance(random_table(5, 2), np.ndarray)
+    counts = np.array([3.0, 0.0, 1.0, 1.0])
+    assert isinstance(balanced_table(counts, 2), np.ndarray)
+    assert isinstance(balanced_table(torch.from_numpy(counts), 2), torch.Tensor)
+    emb = torch.randn(10, 3)
+    table = clustered_table(emb, 2, seed=1)
+    assert isinstance(table, torch.Tensor) and table.dtype == torch.int64
+    np.testing.assert_array_equal(clustered_table(emb.numpy(), 2, seed=1), table.numpy())

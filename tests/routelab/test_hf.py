@@ -82,7 +82,7 @@ def _reference(model_type: str, module: torch.nn.Module, x: torch.Tensor):
     out = []
     for row in logits.tolist():
         E = len(row)
-        if model_type == "deepseek_v3":
+        if model_type in ("deepseek_v3", "glm4_moe", "dots1"):
             s = [1 / (1 + math.exp(-v)) for v in row]
             c = [v + b for v, b in zip(s, module.e_score_correction_bias.tolist())]
             size = E // module.num_group
@@ -108,7 +108,7 @@ def _reference(model_type: str, module: torch.nn.Module, x: torch.Tensor):
             out.append((dict(zip(chosen, sub)), p))
         elif model_type == "switch_transformers":
             out.append(({_top(p, 1)[0]: max(p)}, p))
-        else:  # mixtral, qwen2_moe, qwen3_moe, olmoe
+        else:  # mixtral, qwen2_moe, qwen3_moe, olmoe, flex_olmo
             chosen = _top(p, module.top_k)
             norm = model_type == "mixtral" or module.norm_topk_prob
             total = sum(p[e] for e in chosen)

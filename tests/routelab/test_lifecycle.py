@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -31,14 +31,18 @@ from routelab.lifecycle import (
 from routelab.policies import LossFreeBalancingPolicy
 from routelab.routers import (
     BASERouter,
+    CosineTopKGate,
     DSelectKGate,
     ExpertChoiceRouter,
     HashRouter,
     NoisyTopKGate,
+    ReMoEGate,
     SoftmaxGate,
     SwitchGate,
     TopKGate,
+    TopPGate,
 )
+from routelab.routers.topk import TopKRouter
 
 D, H, V = 6, 10, 40
 
@@ -66,10 +70,14 @@ ROUTERS = {
     "dselect_k": lambda E: DSelectKGate(D, E, k=2),
     "dselect_k_static": lambda E: DSelectKGate(D, E, k=2, per_example=False),
     "hash": _hash_router,
+    "top_p": lambda E: TopPGate(D, E, p=0.6),
+    "remoe": lambda E: ReMoEGate(D, E, k=2),
+    "topk_router_selection_bias": lambda E: TopKRouter(D, E, k=2, selection_bias=True),
 }
+MASKABLE = sorted(set(ROUTERS) - {"topk_router_selection_bias"})
 # routers whose preserved output is bit-exact; DSelect-k renormalises its selectors, and a
 # hash layer's moved tokens meet their expert's copy in another GEMM (other rounding)
-EXACT = {"topk", "topk_no_bias", "top1", "switch", "expert_choice"}
+EXACT = {"topk", "topk_no_bias", "top1", "switch", "expert_choice", "top_p", "remoe"}
 
 
 def _layer(kind: str, E: int = 4, seed: int = 0, **experts_options) -> MoE:
@@ -88,7 +96,8 @@ def _run(moe: MoE, x, ids):
 
 
 # ---------------------------------------------------------------------- growth
-@pytest.mark.parametrize("kind", sorted(ROUTERS))
+@pytest.mark.parametrize("kind", MASKABLE)
+@settings(max_examples=8)
 @given(T=st.integers(0, 33), n=st.integers(1, 5), seed=st.integers(0, 10**6))
 def test_masked_growth_preserves_the_layer_function(kind, T, n, seed):
     old = _layer(kind, seed=seed % 7)
@@ -154,8 +163,14 @@ def test_growth_leaves_the_old_layer_untouched_and_is_seeded():
 
 @pytest.mark.parametrize(
     "router",
-    [NoisyTopKGate(D, 4), BASERouter(D, 4), DSelectKGate(D, 6)],
-    ids=["noisy_topk", "base", "dselect_6"],
+    [
+        NoisyTopKGate(D, 4),
+        BASERouter(D, 4),
+        DSelectKGate(D, 6),
+        TopKRouter(D, 4),
+        CosineTopKGate(D, 4),
+    ],
+    ids=["noisy_topk", "base", "dselect_6", "topk_router", "cosine"],
 )
 def test_masked_growth_is_refused_where_the_router_cannot_mask(router):
     moe = MoE(router, FFNExperts(router.num_experts, D, H))
@@ -484,3 +499,27 @@ def test_shards_of_reindexed_layers_hold_the_global_experts(operation):
     for name in ("w_in", "w_out", "b_in", "b_out"):
         full = getattr(layer.experts, name)
         assert torch.equal(torch.cat([getattr(s, name) for s in shards]), full)
+
+
+def test_a_selection_bias_follows_its_experts():
+    moe = _layer("topk_router_selection_bias")
+    with torch.no_grad():
+        moe.router.selection_bias.bias.copy_(torch.tensor([0.5, -0.5, 0.25, 0.0]))
+    grown = grow_experts(moe, 2, sources=[1, 2], gate="copy")
+    bias = grown.router.selection_bias
+    assert bias.num_experts == 6
+    assert torch.equal(bias.bias, torch.tensor([0.5, -0.5, 0.25, 0.0, -0.5, 0.25]))
+    assert torch.equal(grown.router.weight[:, 4], moe.router.weight[:, 1])
+    x = torch.randn(9, D)
+    out = grown(x)
+    assert out.routing.num_experts == 6
+    pruned = prune_experts(moe, torch.tensor([1.0, 4.0, 3.0, 2.0]), num_remove=1).moe
+    assert torch.equal(pruned.router.selection_bias.bias, torch.tensor([-0.5, 0.25, 0.0]))
+
+
+def test_remoe_growth_moves_its_target_sparsity():
+    moe = _layer("remoe")
+    grown = grow_experts(moe, 4)
+    assert grown.router.controller.target_sparsity == pytest.approx(1 - 2 / 8)
+    with pytest.raises(ValueError, match="k = 2 < num_experts"):
+        prune_experts(moe, torch.ones(4), num_remove=2)

@@ -99,3 +99,26 @@ def test_two_moe_plus_plus_layers_train_end_to_end():
     out = layers[1](h.output)
     (out.output.square().mean() + h.aux_loss + out.aux_loss).backward()
     assert all(p.grad is not None for p in first.parameters())
+
+
+def test_deep_moe_links_consecutive_moe_plus_plus_gates():
+    from routelab.deep_moe import DeepMoE
+    from routelab.routers import TopKGate
+    from routelab.routers.moe_plus_plus import link_gating_residuals
+
+    def layer(i):
+        gate = MoEPlusPlusGate(8, 6, k=2, num_null=2) if i != 2 else TopKGate(8, 6)
+        return MoE(gate, NullExperts(FFNExperts(4, 8, 8), num_constant=0))
+
+    torch.manual_seed(0)
+    model = DeepMoE(5, 3, d_model=8, num_experts=6, num_layers=4, make_layer=layer)
+    gates = [m.router for m in model.layers]
+    assert gates[1].residual_from is gates[0]  # linked
+    assert gates[0].residual_from is None and gates[3].residual_from is None  # after top-k
+    assert gates[1].residual_map is not None
+    out = model(torch.randn(7, 5))
+    out.logits.sum().backward()
+    assert gates[0].proj.weight.grad is not None
+    assert link_gating_residuals(model.layers) == 0  # already linked
+    lone = MoEPlusPlusGate(8, 6, gating_residual=False)
+    assert link_gating_residuals([gates[0], lone]) == 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from routelab import FFNExperts, MoE
+from routelab import FFNExperts, MoE, Routing
 from routelab.policies import CapacityPolicy
 from routelab.replay import RouterReplay, replay_layers
 from routelab.routers import HashRouter, SwitchGate
@@ -143,3 +143,17 @@ def test_replay_errors():
             pass
     assert [name for name, _ in replay_layers(model)] == ["first", "second"]
     assert model.first._router_replay is None  # detached after the blocks
+
+
+def test_replay_of_routings_loaded_from_elsewhere():
+    torch.manual_seed(4)
+    moe = MoE(deepseek(8, 6), FFNExperts(6, 8, 5))
+    x = torch.randn(5, 8)
+    chosen = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 1], [2, 3]])  # any ids: no group limit
+    external = Routing.from_topk(chosen, torch.ones(5, 2), 6)  # e.g. an inference engine's ids
+    replay = RouterReplay().load({"": [external]})
+    with replay.replay(moe):
+        routing = moe(x).routing
+    assert torch.equal(routing.expert.view(5, 2), chosen)
+    with pytest.raises(TypeError, match="Routings"):
+        RouterReplay().load({"": [chosen]})

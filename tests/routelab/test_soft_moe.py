@@ -10,7 +10,7 @@ from routelab.soft_moe import SoftMoE
 
 def paper_soft_moe(layer: SoftMoE, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Puigcerver et al. 2024, Algorithm 1, for one group X [S, d] (numpy, loops)."""
-    S, d = x.shape
+    d = x.shape[1]
     phi = layer.phi.detach().numpy()
     n, p = phi.shape[1], layer.slots_per_expert
     if layer.normalize:
@@ -51,11 +51,10 @@ def test_soft_moe_matches_the_papers_algorithm(groups, S, E, p, normalize, seed)
     for g in range(groups if S else 0):
         y, dispatch, combine = paper_soft_moe(layer, x[g].numpy())
         np.testing.assert_allclose(out.output[g].detach().numpy(), y, atol=1e-10)
-        if S:
-            got_d = out.dispatch[g].reshape(S, E * p).detach().numpy()
-            np.testing.assert_allclose(got_d, dispatch, atol=1e-12)
-            got_c = out.combine[g].reshape(S, E * p).detach().numpy()
-            np.testing.assert_allclose(got_c, combine, atol=1e-12)
+        got_d = out.dispatch[g].reshape(S, E * p).detach().numpy()
+        np.testing.assert_allclose(got_d, dispatch, atol=1e-12)
+        got_c = out.combine[g].reshape(S, E * p).detach().numpy()
+        np.testing.assert_allclose(got_c, combine, atol=1e-12)
     # the slot routing: every expert processes exactly p slots of every group
     assert out.slot_routing.load().tolist() == [groups * p] * E
     # the token-level view: each token's combine mass over the experts sums to 1
@@ -83,8 +82,14 @@ def test_group_size_splits_a_flat_batch():
     grouped = SoftMoE(4, 2, layer.experts)
     grouped.load_state_dict(layer.state_dict())
     torch.testing.assert_close(layer(x).output, grouped(x.view(2, 3, 4)).output.view(6, 4))
-    with pytest.raises(ValueError, match="group_size"):
-        layer(torch.randn(5, 4))
+    # 7 tokens: groups of 3, 3 and 1 (the last one padded with two masked positions)
+    x = torch.randn(7, 4)
+    out = layer(x)
+    parts = [grouped(x[a:b]).output for a, b in ((0, 3), (3, 6), (6, 7))]
+    torch.testing.assert_close(out.output, torch.cat(parts))
+    assert out.dispatch.shape == (3, 3, 2, 1) and out.routing.num_tokens == 7
+    assert float(out.dispatch[2, 1:].abs().sum()) == 0.0  # padding: no dispatch weight
+    assert float(out.combine[2, 1:].abs().sum()) == 0.0
 
 
 def test_gradients_reach_phi_scale_experts_and_input():
@@ -114,3 +119,22 @@ def test_bad_input_is_a_clear_error():
         layer(torch.ones(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="num_experts"):
         SoftMoE(4, 3, FFNExperts(2, 4, 8))
+
+
+def test_soft_moe_layers_stack_in_deep_moe_and_are_recorded():
+    from analysis import RoutingRecorder
+    from routelab.deep_moe import DeepMoE
+
+    torch.manual_seed(0)
+    model = DeepMoE(
+        5,
+        3,
+        d_model=8,
+        num_experts=4,
+        make_layer=lambda i: SoftMoE(8, 4, FFNExperts(4, 8, 16), group_size=4),
+    )
+    with RoutingRecorder(model) as recorder:
+        out = model(torch.randn(10, 5))
+        assert out.logits.shape == (10, 3)
+        stats = recorder.stats(0)
+    assert stats.num_tokens == 10 and float(stats.importance.sum()) == pytest.approx(10.0)

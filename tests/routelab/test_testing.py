@@ -5,9 +5,16 @@ import torch
 from hypothesis import given
 
 import routelab
+import routelab.policies
 from routelab import Router, Routing
 from routelab.routers import TopKGate
-from routelab.testing import RouterContract, check_routing, router_inputs
+from routelab.testing import (
+    PolicyContract,
+    RouterContract,
+    check_routing,
+    probe_differentiable,
+    router_inputs,
+)
 
 
 class _Broken(Router):
@@ -140,3 +147,96 @@ def test_check_routing_checks_sizes():
         check_routing(r, num_experts=3)
     with pytest.raises(TypeError, match="Routing"):
         check_routing("r")
+
+
+# ---------------------------------------------------------------- the gradient check cannot be
+# switched off by the router under test (issue 10.10)
+def test_a_router_cannot_switch_its_own_gradient_check_off():
+    class Detached(_Broken):
+        differentiable = False  # a broken router claiming it is not meant to learn
+
+        def __init__(self, d_model, num_experts):
+            super().__init__(d_model, num_experts, "detached")
+
+        def route(self, x, token_ids):
+            logits = self.proj(x)
+            idx = logits.topk(2, dim=1).indices
+            w = torch.softmax(logits.gather(1, idx), dim=1).detach()
+            return Routing.from_topk(idx, w, self.num_experts)
+
+    class Contract(RouterContract):
+        expect = {"k": 2}
+
+        def make_router(self, d_model, num_experts):
+            return Detached(d_model, num_experts)
+
+    # the finite-difference probe sees the weights move with the parameters
+    _fails_with(AssertionError, "differentiable flag", Contract().test_gradient_reaches_parameters)
+
+    class Stated(Contract):
+        differentiable = True
+
+    _fails_with(AssertionError, "flag", Stated().test_gradient_reaches_parameters)
+
+
+def test_the_probe_tells_constant_weights_from_learned_ones():
+    torch.manual_seed(0)
+    x = torch.randn(10, 5)
+    assert probe_differentiable(TopKGate(5, 4, k=2), x)
+    assert not probe_differentiable(TopKGate(5, 4, k=1), x)  # weight is constantly 1
+    assert probe_differentiable(routelab.routers.SwitchGate(5, 4), x)
+
+
+def test_a_stated_non_differentiable_router_must_not_pass_gradients():
+    class Contract(RouterContract):
+        differentiable = False
+        expect = {"k": 2}
+
+        def make_router(self, d_model, num_experts):
+            gate = TopKGate(d_model, num_experts, k=2)
+            gate.differentiable = False  # agrees with the statement, but gradients flow
+            return gate
+
+    _fails_with(AssertionError, "passes a gradient", Contract().test_gradient_reaches_parameters)
+
+
+# ---------------------------------------------------------------- PolicyContract catches faults
+class _StatefulInForward(routelab.policies.Policy):
+    """A policy that changes its state inside forward (what balancing must never do)."""
+
+    def __init__(self, num_experts):
+        super().__init__()
+        self.register_buffer("counts", torch.zeros(num_experts))
+
+    def forward(self, routing):
+        self.counts += routing.load().to(self.counts)
+        return routing
+
+
+class _MutatesInput(routelab.policies.Policy):
+    def forward(self, routing):
+        routing.weight.mul_(0.5)
+        return routing
+
+
+class _NotARouting(routelab.policies.Policy):
+    def forward(self, routing):
+        return routing.to_dense()
+
+
+@pytest.mark.parametrize(
+    ("policy", "test", "message"),
+    [
+        (_StatefulInForward, "test_forward_changes_no_state", "forward changed"),
+        (_MutatesInput, "test_output_is_a_valid_routing", "changed its input"),
+        (_NotARouting, "test_output_is_a_valid_routing", "returned Tensor"),
+        (_StatefulInForward, "test_non_routing_is_a_clear_error", "no attribute"),
+    ],
+)
+def test_policy_contract_catches_broken_policies(policy, test, message):
+    class Contract(PolicyContract):
+        def make_policy(self, num_experts):
+            return policy(num_experts) if policy is _StatefulInForward else policy()
+
+    exc = Exception
+    _fails_with(exc, message, getattr(Contract(), test))
