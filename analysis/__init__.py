@@ -12,6 +12,9 @@
   slot and combine mass, dispatch/combine entropy and specialisation over tokens.
 - :mod:`analysis.plots`: PNG plots; :mod:`analysis.compare`: ``routelab compare`` /
   ``routelab sweep``.
+- :mod:`analysis.counterfactual`: capacity drops, exact balanced assignment and the
+  loss-free bias on a model's recorded router scores; :mod:`analysis.inspect_model`:
+  ``routelab inspect-model`` on a Hugging Face MoE checkpoint (``routelab.hf``).
 """
 
 from analysis.collapse import CollapseStats, effective_rank, representation_collapse

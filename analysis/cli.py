@@ -234,9 +234,9 @@ def _check_rows(rows: Sequence[Any], settings: Any) -> None:
 def _check_out(
     kind: str, out: str, settings: Any, jobs: Sequence[Any], overwrite: bool, extra=None
 ):
-    from analysis.compare import RunDirectoryError, _fingerprint, check_run_directory
+    from analysis.compare import RunDirectoryError, check_run_directory, run_fingerprint
 
-    fingerprint = {**_fingerprint(kind, settings, jobs), **(extra or {})}
+    fingerprint = {**run_fingerprint(kind, settings, jobs), **(extra or {})}
     try:
         check_run_directory(out, fingerprint, overwrite)
     except RunDirectoryError as err:
@@ -267,9 +267,10 @@ def _add_compare(sub: Any) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from analysis.compare import compare, plan_jobs, results_table
+    from analysis.compare import compare, plan_jobs
     from analysis.data import DATASETS
     from analysis.registry import default_rows
+    from analysis.report import results_table
 
     settings = _settings(args)
     datasets = DATASETS if args.dataset == "all" else (args.dataset,)
@@ -365,7 +366,7 @@ def _add_sweep(sub: Any, router: str | None = None) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from analysis.compare import Job, _default_grid, sweep
+    from analysis.compare import Job, default_grid, sweep
 
     settings = _settings(args)
     row = _row(args.router)
@@ -374,7 +375,7 @@ def _sweep(args: argparse.Namespace) -> int:
             f"router {row.name!r} runs on {', '.join(row.datasets)}, not {args.dataset}"
         )
     try:
-        grid = _parse_grid(args.grid) if args.grid else _default_grid(row)
+        grid = _parse_grid(args.grid) if args.grid else default_grid(row)
         cells = [row.with_options(**{k: v}) for k, vs in grid.items() for v in vs]
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -414,7 +415,20 @@ def _add_inspect_model(sub: Any) -> None:
     p.add_argument("--out", default="reports/inspect-model", help="report folder")
     p.add_argument("--seq-len", dest="seq_len", type=positive_int, default=128)
     p.add_argument("--max-tokens", dest="max_tokens", type=positive_int, default=4096)
+    p.add_argument(
+        "--max-domains",
+        dest="max_domains",
+        type=positive_int,
+        default=8,
+        help="keep the domains with the most files (8)",
+    )
     p.add_argument("--no-swaps", action="store_true", help="skip the router swaps")
+    p.add_argument(
+        "--swap-layers",
+        default="auto",
+        help="layers each swap replaces: auto (each alone, then all), all, or indices 0,3",
+    )
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (1)")
     p.set_defaults(func=_inspect_model)
 

@@ -90,7 +90,7 @@ class CollapseStats:
 def representation_collapse(
     representations: Tensor, routing: Routing | None = None
 ) -> CollapseStats:
-    """The :class:`CollapseStats` of ``representations [T, d]`` (e.g. an MoE layer's input).
+    """The ``CollapseStats`` of ``representations [T, d]`` (e.g. an MoE layer's input).
 
     With ``routing`` (over the same T tokens) also the effective rank of each expert's
     tokens.

@@ -22,7 +22,8 @@ curve against the capacity factor, expert x domain heatmaps, co-activation).
 Text: ``--text FILE`` is one document; ``--text DIR`` every UTF-8 text file under DIR
 (sorted), labelled by its first path component; ``--text stdlib`` the files of
 :func:`routelab.corpus.stdlib_files` (the standard library without tests and
-third-party packages), labelled by their top-level package or module. Each document is tokenised and cut into
+third-party packages), labelled by their package (the single-file modules share one
+label). ``max_domains`` (default 8) keeps the domains with the most files. Each document is tokenised and cut into
 windows of ``seq_len`` tokens (the last one shorter); windows are taken from the labels
 in turn until ``max_tokens`` are read, so every domain is represented.
 """
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -59,6 +61,7 @@ __all__ = [
     "default_swaps",
     "inspect_model",
     "read_text",
+    "swap_targets",
     "write_report",
 ]
 
@@ -67,15 +70,25 @@ CURVE_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 
 @dataclass
 class InspectSettings:
-    """Sizes of one inspection."""
+    """Sizes of one inspection.
+
+    ``swap_layers``: which layers each router swap replaces, one run per entry:
+    ``"auto"`` every MoE layer alone and all together (first, middle and last alone
+    beyond 8 layers), ``"all"`` all together only, or comma-separated layer indices.
+    ``device``: where the model runs (``"cpu"``, ``"cuda"``).
+    """
 
     seq_len: int = 128
     max_tokens: int = 4096
     capacity_factors: tuple[float, ...] = (1.0, 1.25, 2.0)
     curve_factors: tuple[float, ...] = CURVE_FACTORS
     swaps: bool = True
+    swap_layers: str = "auto"
     bias_steps: int = 300
+    max_domains: int | None = 8
+    shuffles: int = 5
     seed: int = 0
+    device: str = "cpu"
 
 
 @dataclass
@@ -103,7 +116,7 @@ def _documents(path: Path) -> list[tuple[str, Path]]:
         from routelab.corpus import _stdlib_root, stdlib_files
 
         root = Path(_stdlib_root())
-        return [(Path(name).parts[0].removesuffix(".py"), root / name) for name in stdlib_files()]
+        return [(_package(name), root / name) for name in stdlib_files()]
     if path.is_file():
         return [(path.name, path)]
     if not path.is_dir():
@@ -121,6 +134,13 @@ def _documents(path: Path) -> list[tuple[str, Path]]:
     return found
 
 
+def _package(name: str) -> str:
+    """The package of a standard-library file: its top-level directory, or
+    ``"(modules)"`` for the single-file modules at the top."""
+    parts = Path(name).parts
+    return parts[0] if len(parts) > 1 else "(modules)"
+
+
 def _read(path: Path) -> str | None:
     try:
         text = path.read_text(encoding="utf-8")
@@ -130,10 +150,16 @@ def _read(path: Path) -> str | None:
 
 
 def read_text(
-    path: str | os.PathLike[str], tokenizer: Any, *, seq_len: int = 128, max_tokens: int = 4096
+    path: str | os.PathLike[str],
+    tokenizer: Any,
+    *,
+    seq_len: int = 128,
+    max_tokens: int = 4096,
+    max_domains: int | None = None,
 ) -> TextWindows:
     """Tokenise ``path`` (a file, or a directory of documents) into labelled windows
-    (module docstring)."""
+    (module docstring). ``max_domains`` keeps the labels with the most files (ties by
+    name), so that each domain gets enough tokens to measure specialisation."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     if max_tokens < 2:
@@ -142,6 +168,10 @@ def read_text(
     for label, file in _documents(Path(path)):
         by_label.setdefault(label, []).append(file)
     names = sorted(by_label)
+    if max_domains is not None:
+        if max_domains < 1:
+            raise ValueError(f"max_domains must be >= 1, got {max_domains}")
+        names = sorted(sorted(names, key=lambda n: (-len(by_label[n]), n))[:max_domains])
 
     def windows_of(files: list[Path]) -> Iterator[torch.Tensor]:
         for file in files:
@@ -231,11 +261,17 @@ def inspect_model(
     settings = settings or InspectSettings()
     clock = _Clock()
     model, tokenizer = _load(model, tokenizer)
-    model.eval()
+    model.to(settings.device).eval()
     data = (
         text
         if isinstance(text, TextWindows)
-        else read_text(text, tokenizer, seq_len=settings.seq_len, max_tokens=settings.max_tokens)
+        else read_text(
+            text,
+            tokenizer,
+            seq_len=settings.seq_len,
+            max_tokens=settings.max_tokens,
+            max_domains=settings.max_domains,
+        )
     )
     clock.lap("load")
     num_labels = max(
@@ -268,7 +304,7 @@ def inspect_model(
         if a.num_tokens == b.num_tokens:
             coact[f"{capture.names[i]} -> {capture.names[i + 1]}"] = coactivation(a, b).tolist()
     clock.lap("counterfactuals")
-    swaps = _swaps(model, data, capture, loss) if settings.swaps else []
+    swaps = _swaps(model, data, capture, loss, settings.swap_layers) if settings.swaps else []
     clock.lap("swaps")
     metrics = {
         "model": {
@@ -347,9 +383,11 @@ def _layer_metrics(
         "balanced": cf["balanced"].to_dict(),
         "specialisation": {
             **spec.to_dict(),
-            "shuffled_mutual_information": shuffled_baseline(
-                routing, labels, num_labels, seed=settings.seed
-            ),
+            "shuffled_mutual_information": sum(
+                shuffled_baseline(routing, labels, num_labels, seed=settings.seed + i)
+                for i in range(settings.shuffles)
+            )
+            / max(settings.shuffles, 1),
             "expert_label_table": spec.table.tolist(),
         },
         "drop_curve": [row.to_dict() for row in curve],
@@ -357,14 +395,35 @@ def _layer_metrics(
     return layer, cf
 
 
-def _swaps(model: nn.Module, data: TextWindows, capture: Any, loss: float) -> list[dict]:
-    """Every default swap in every layer alone and in all layers: the change in loss."""
+def swap_targets(num_layers: int, swap_layers: str) -> list[int | str]:
+    """The layer targets of the router swaps (:class:`InspectSettings`)."""
+    if swap_layers == "all":
+        return ["all"]
+    if swap_layers == "auto":
+        alone = range(num_layers) if num_layers <= 8 else (0, num_layers // 2, num_layers - 1)
+        return [*alone, "all"]
+    try:
+        chosen = [int(part) for part in swap_layers.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(
+            f"swap_layers must be 'auto', 'all' or layer indices like 0,3; got {swap_layers!r}"
+        ) from None
+    bad = [i for i in chosen if not 0 <= i < num_layers]
+    if bad or not chosen:
+        raise ValueError(f"swap_layers {swap_layers!r}: indices must lie in [0, {num_layers})")
+    return list(chosen)
+
+
+def _swaps(
+    model: nn.Module, data: TextWindows, capture: Any, loss: float, swap_layers: str
+) -> list[dict]:
+    """Every default swap at every target of ``swap_layers``: the change in loss."""
     from routelab.hf import next_token_loss, swap_router
 
     stream = torch.cat(data.windows)
     vocab = int(getattr(model.config, "vocab_size", int(stream.max()) + 1))
     first = capture.layers[0][0]
-    targets: list[Any] = [*range(len(capture.names)), "all"]
+    targets = swap_targets(len(capture.names), swap_layers)
     rows: list[dict[str, Any]] = []
     for swap_name, replacement in default_swaps(first.k, first.chosen.num_experts, stream, vocab):
         for target in targets:
@@ -445,19 +504,12 @@ def write_report(metrics: dict[str, Any], out: str | os.PathLike[str]) -> Path:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     layers = metrics["layers"]
     tables = {layer["name"]: layer["specialisation"]["expert_label_table"] for layer in layers}
-    width = max(layer["num_experts"] for layer in layers)
-    relative = torch.full((len(layers), width), float("nan"))
-    for i, layer in enumerate(layers):
-        load = torch.tensor(layer["load"], dtype=torch.float64)
-        relative[i, : load.numel()] = load / load.mean().clamp_min(1e-12)
-    plots.plot_heatmap(
-        relative.nan_to_num(0.0),
-        out / "load_heatmap.png",
-        title="Load per expert / mean, per layer",
-        xlabel="expert",
-        ylabel="layer",
-        normalise=None,
-    )
+    # layers x experts, load / mean, blue below and red above the mean (plots' load table)
+    relative = {}
+    for layer in layers:
+        load = np.asarray(layer["load"], dtype=np.float64)
+        relative[layer["name"]] = load / max(float(load.mean()), 1e-12)
+    plots._load_table(relative, out / "load_heatmap.png", "Load per expert, per layer")
     curve = metrics["drop_curve"]
     factors = sorted({row["capacity_factor"] for row in curve})
     orders = sorted({row["drop_order"] for row in curve})
@@ -496,15 +548,17 @@ def write_report(metrics: dict[str, Any], out: str | os.PathLike[str]) -> Path:
         "",
         "## Balance per layer",
         "",
-        "| layer | E | k | CV(load) | max/mean | min/mean | unused % | registry agrees % |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layer | E | k | CV(load) | max/mean | min/mean | unused % | dropped % "
+        "| registry agrees % |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for layer in layers:
         s = layer["load_stats"]
         lines.append(
             f"| {layer['name']} | {layer['num_experts']} | {layer['k']} | {_num(s['cv_load'])} "
             f"| {_num(s['max_over_mean'])} | {_num(s['min_over_mean'])} "
-            f"| {_pct(s['unused_fraction'])} | {_pct(layer['spec_agreement'])} |"
+            f"| {_pct(s['unused_fraction'])} | {_pct(s['dropped_fraction'])} "
+            f"| {_pct(layer['spec_agreement'])} |"
         )
     lines += [
         "",
@@ -578,7 +632,7 @@ def write_report(metrics: dict[str, Any], out: str | os.PathLike[str]) -> Path:
         "",
         f"Domains: {', '.join(metrics['label_names']) or '(labels given per token)'}.",
         "",
-        "| layer | I(expert; domain) | shuffled baseline | NMI | mean purity |",
+        "| layer | I(expert; domain) | shuffled labels (mean) | NMI | mean purity |",
         "|---|---|---|---|---|",
     ]
     for layer in layers:
@@ -606,13 +660,22 @@ def run_cli(args: Any, usage_error: type[Exception]) -> int:
     if args.seq_len < 2 or args.max_tokens < 2:
         raise usage_error("--seq-len and --max-tokens must be >= 2")
     try:
+        swap_targets(1 << 30, args.swap_layers)  # the form; the range is checked once loaded
+    except ValueError as error:
+        raise usage_error(f"--swap-layers: {error}") from None
+    try:
         from routelab.hf import require_transformers
 
         require_transformers().utils.logging.disable_progress_bar()
     except ImportError as error:
         raise usage_error(str(error)) from None
     settings = InspectSettings(
-        seq_len=args.seq_len, max_tokens=args.max_tokens, swaps=not args.no_swaps
+        seq_len=args.seq_len,
+        max_tokens=args.max_tokens,
+        swaps=not args.no_swaps,
+        swap_layers=args.swap_layers,
+        device=args.device,
+        max_domains=args.max_domains,
     )
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)

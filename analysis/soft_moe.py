@@ -1,8 +1,8 @@
 """Load and specialisation of a Soft MoE layer from its dispatch and combine weights.
 
-A :class:`routelab.soft_moe.SoftMoE` forward returns D (dispatch, softmax over the
+A ``routelab.soft_moe.SoftMoE`` forward returns D (dispatch, softmax over the
 tokens of each slot) and C (combine, softmax over the slots of each token), both
-``[G, S, E, p]``. :func:`soft_moe_stats` summarises them:
+``[G, S, E, p]``. ``soft_moe_stats`` summarises them:
 
 - ``slot_mass [E]``: ``sum over tokens and e's slots of D``; p per group for every
   expert: Soft MoE is balanced by construction (every expert processes p slots).
@@ -74,7 +74,7 @@ def _mean_normalised_entropy(p: Tensor, dim: int) -> float:
 def soft_moe_stats(
     output: Any, labels: Tensor | None = None, num_labels: int | None = None
 ) -> SoftMoEStats:
-    """The :class:`SoftMoEStats` of a :class:`~routelab.soft_moe.SoftMoEOutput`.
+    """The ``SoftMoEStats`` of a ``routelab.soft_moe.SoftMoEOutput``.
 
     ``labels`` int ``[T]`` (T = G * S tokens in the flattened order of the input) give the
     expert x label table; ``num_labels`` its width (default ``max + 1``).

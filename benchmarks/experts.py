@@ -3,7 +3,10 @@
 Run: ``python benchmarks/experts.py`` (``--quick`` for small sizes, ``--configs fine,many``
 for a subset, ``--markdown`` for the README table). One run, side by side: the variants'
 repeats are interleaved round-robin (``_timing.time_side_by_side``) so machine load hits
-them alike; fp32, median of ``--repeats``, one intra-op thread unless ``--threads``.
+them alike; fp32, median of ``--repeats``, one intra-op thread unless ``--threads``. The
+clock is the process's CPU time (``--wall`` for wall time): on a machine shared with other
+jobs it is inflated far less than wall time (single-threaded; ``--threads`` > 1 needs
+``--wall``).
 
 Every variant computes the same layer, ``y_t = sum_j w_tj * FFN_{e_tj}(x_t)`` (ReLU FFN
 with biases, the ``FFNExperts`` default), from the same top-k indices and weights, and
@@ -26,6 +29,9 @@ Ratios printed per config: FFNExperts / dense ceiling, the fastest peer / FFNExp
 (>= 1 means FFNExperts is at least as fast), and ``MoE`` (TopKGate + FFNExperts)
 against the sum of the router's own step and FFNExperts' step (issue 17, item 2).
 
+``--compile`` times ``MoE(TopKGate, FFNExperts)`` eager against
+``torch.compile(moe, fullgraph=True)`` (inductor, validation off) at the chosen configs.
+
 Targets (issue 17): FFNExperts no slower than the fastest peer in every config; within
 1.15x of the ceiling at the fine configs, 1.5x at E = 256, the HF loop's time or less at
 the small batch; MoE within 1.05x of router + experts.
@@ -37,12 +43,14 @@ import argparse
 import copy
 import os
 import subprocess
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from _timing import time_side_by_side  # benchmarks/ is on sys.path when run as a script
 
+import routelab
 from routelab import FFNExperts, MoE, Routing
 from routelab.routers import TopKGate
 
@@ -119,7 +127,9 @@ def router_step(router: TopKGate, x: torch.Tensor, upstream: torch.Tensor) -> Ca
     return step
 
 
-def bench(T: int, d: int, h: int, E: int, k: int, repeats: int) -> dict[str, float]:
+def bench(
+    T: int, d: int, h: int, E: int, k: int, repeats: int, clock=time.process_time
+) -> dict[str, float]:
     torch.manual_seed(0)
     experts = FFNExperts(E, d, h)
     stacks = [experts.w_in, experts.b_in, experts.w_out, experts.b_out]
@@ -159,7 +169,31 @@ def bench(T: int, d: int, h: int, E: int, k: int, repeats: int) -> dict[str, flo
             ("FFNExperts", lambda: experts(x, routing)),
         ):
             torch.testing.assert_close(fn(), reference, atol=1e-4, rtol=1e-4, msg=name)
-    return time_side_by_side(variants, repeats=repeats)
+    return time_side_by_side(variants, repeats=repeats, clock=clock)
+
+
+def bench_compiled(T: int, d: int, h: int, E: int, k: int, repeats: int, clock) -> dict[str, float]:
+    """``MoE(TopKGate, FFNExperts)`` forward + backward, eager against
+    ``torch.compile(fullgraph=True)`` (inductor), validation off (issue 17, item 5)."""
+    torch.manual_seed(0)
+    moe = MoE(TopKGate(d, E, k=k), FFNExperts(E, d, h))
+    x = torch.randn(T, d, requires_grad=True)
+    grad_out = torch.randn(T, d)
+    with routelab.validation(False):
+        compiled = torch.compile(moe, fullgraph=True)
+        start = time.perf_counter()
+        compiled(x).output.backward(grad_out)
+        print(f"  compile (first call): {time.perf_counter() - start:.1f} s wall", flush=True)
+        eager_out, compiled_out = moe(x).output, compiled(x).output
+        torch.testing.assert_close(compiled_out, eager_out, atol=1e-4, rtol=1e-4)
+        return time_side_by_side(
+            {
+                "MoE eager": lambda: moe(x).output.backward(grad_out),
+                "MoE compiled": lambda: compiled(x).output.backward(grad_out),
+            },
+            repeats=repeats,
+            clock=clock,
+        )
 
 
 PEERS = ("torchtitan-style", "HF loop", "padded bmm")
@@ -194,13 +228,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--configs", default="", help="comma-separated subset of the configs")
     parser.add_argument("--markdown", action="store_true", help="one table row per config")
+    parser.add_argument("--wall", action="store_true", help="wall time instead of CPU time")
+    parser.add_argument(
+        "--compile", action="store_true", help="MoE eager vs torch.compile (fullgraph) instead"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     configs = QUICK if args.quick else CONFIGS
     if args.configs:
         configs = {n: configs[n] for n in args.configs.split(",")}
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"fp32, forward + backward, median of {args.repeats}, threads={args.threads}")
+    clock = "wall" if args.wall else "CPU (process)"
+    print(
+        f"fp32, forward + backward, median of {args.repeats}, threads={args.threads}, {clock} time"
+    )
     print(f"load at start: {load} ({os.cpu_count()} cores)")
     if args.markdown:
         print(
@@ -209,8 +250,17 @@ def main() -> None:
             "MoE / (router + experts) |"
         )
         print("|---|---|---|---|---|---|---|---|---|")
+    clock_fn = time.perf_counter if args.wall else time.process_time
     for name, shape in configs.items():
-        print(report(name, shape, bench(*shape, args.repeats), args.markdown), flush=True)
+        if args.compile:
+            print(f"[{name}] T={shape[0]} d={shape[1]} h={shape[2]} E={shape[3]} k={shape[4]}")
+            times = bench_compiled(*shape, args.repeats, clock_fn)
+            for variant, seconds in times.items():
+                print(f"  {variant:18s} {seconds * 1e3:9.1f} ms")
+            print(f"  compiled / eager = {times['MoE compiled'] / times['MoE eager']:.3f}")
+            continue
+        times = bench(*shape, args.repeats, clock_fn)
+        print(report(name, shape, times, args.markdown), flush=True)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"load at end: {load}")
 

@@ -2,8 +2,8 @@
 FFNExperts forward + backward, at the fine-grained config of issue 17 (and the large one).
 
 Run: ``python benchmarks/routers.py`` (``--quick`` for a small size). One run, side by
-side, interleaved (``_timing.time_side_by_side``); prints the median times and, for each
-gate, ``gate / FFNExperts``.
+side, interleaved (``_timing.time_side_by_side``; the process's CPU time, ``--wall`` for
+wall time); prints the median times and, for each gate, ``gate / FFNExperts``.
 
 - FFNExperts: forward + backward of E FFN experts on a fixed top-k routing, fp32, at
   ``fine`` (T = 8192, d = 512, h = 256, E = 64, k = 8: the target's config) and
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import time
 from collections.abc import Callable
 
 import torch
@@ -93,7 +94,9 @@ def gate_step(router: Router, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def bench(T: int, d: int, h: int, E: int, k: int, repeats: int) -> dict[str, float]:
+def bench(
+    T: int, d: int, h: int, E: int, k: int, repeats: int, clock=time.process_time
+) -> dict[str, float]:
     torch.manual_seed(0)
     experts = FFNExperts(E, d, h)
     x = torch.randn(T, d, requires_grad=True)
@@ -109,7 +112,7 @@ def bench(T: int, d: int, h: int, E: int, k: int, repeats: int) -> dict[str, flo
     variants: dict[str, Callable[[], None]] = {"FFNExperts": run_experts}
     for name, factory in GATES.items():
         variants[name] = gate_step(factory(d, E, k).train(), x)
-    return time_side_by_side(variants, repeats=repeats)
+    return time_side_by_side(variants, repeats=repeats, clock=clock)
 
 
 CONFIGS = {"fine": (8192, 512, 256, 64, 8), "large": (8192, 512, 2048, 16, 2)}
@@ -122,14 +125,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--configs", default="fine,large", help="comma-separated subset")
     parser.add_argument("--markdown", action="store_true", help="a table row per router")
+    parser.add_argument("--wall", action="store_true", help="wall time instead of CPU time")
     args = parser.parse_args()
     torch.set_num_threads(1)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"fp32, forward + backward, median of {args.repeats}, threads=1; load: {load}")
+    clock = "wall" if args.wall else "CPU (process)"
+    print(f"fp32, forward + backward, median of {args.repeats}, threads=1, {clock} time")
+    print(f"load: {load}")
     for config in args.configs.split(","):
         T, d, h, E, k = (QUICK if args.quick else CONFIGS)[config]
         print(f"[{config}] T={T} d={d} h={h} E={E} k={k}")
-        times = bench(T, d, h, E, k, args.repeats)
+        times = bench(
+            T, d, h, E, k, args.repeats, time.perf_counter if args.wall else time.process_time
+        )
         reference = times["FFNExperts"]
         if args.markdown:
             print("| router | ms | router / FFNExperts |\n|---|---|---|")

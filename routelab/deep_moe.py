@@ -14,13 +14,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from routelab._validate import require_bool, require_int
 from routelab.experts import FFNExperts
 from routelab.moe import MoE
 from routelab.policies import Policy
 from routelab.router import Router
 from routelab.routers.moe_plus_plus import link_gating_residuals
 from routelab.routers.topk import TopKGate
-from routelab.routing import Routing, _require_int
+from routelab.routing import Routing
 from routelab.soft_moe import SoftMoE
 
 __all__ = ["DeepMoE", "DeepMoEOutput", "build_deep_moe"]
@@ -85,13 +86,13 @@ class DeepMoE(nn.Module):
         make_layer: LayerFactory | None = None,
     ) -> None:
         super().__init__()
-        _require_int("in_features", in_features, 1)
-        _require_int("num_classes", num_classes, 1)
-        _require_int("d_model", d_model, 1)
-        _require_int("num_experts", num_experts, 1)
-        _require_int("num_layers", num_layers, 1)
-        d_hidden = 2 * d_model if d_hidden is None else _require_int("d_hidden", d_hidden, 1)
-        self.residual = bool(residual)
+        require_int("in_features", in_features, 1)
+        require_int("num_classes", num_classes, 1)
+        require_int("d_model", d_model, 1)
+        require_int("num_experts", num_experts, 1)
+        require_int("num_layers", num_layers, 1)
+        d_hidden = 2 * d_model if d_hidden is None else require_int("d_hidden", d_hidden, 1)
+        self.residual = require_bool("residual", residual)
         self.embed = nn.Linear(in_features, d_model)
         if make_layer is not None and (make_policies is not None or make_router is not None):
             raise ValueError("give make_layer or make_router / make_policies, not both")

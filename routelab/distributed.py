@@ -4,7 +4,9 @@ When the experts outgrow one device they are sharded across the ranks of a proce
 group: data parallel for the rest of the model, model parallel for the experts
 (Shazeer et al. 2017, section 3.1, the answer to the shrinking batch; GShard,
 Lepikhin et al. 2020; Switch, Fedus et al. 2021). With E experts and W ranks, rank r
-holds the ``E / W`` experts ``[r * E/W, (r+1) * E/W)`` as an ``FFNExperts`` shard.
+holds the ``E / W`` experts ``[r * E/W, (r+1) * E/W)`` as a shard of its executor
+(``FFNExperts``, or any ``Experts`` whose tensors are stacked per expert: the experts
+shard and gather themselves, :meth:`~routelab.experts.Experts.select_experts`).
 
 Forward of :class:`ExpertParallelMoE` on every rank, with its local ``x [T_r, d]``::
 
@@ -13,7 +15,10 @@ Forward of :class:`ExpertParallelMoE` on every rank, with its local ``x [T_r, d]
     counts    -> all_to_all -> recv_counts [W, E/W] entries each rank sends me, per expert
     xs        = plan.gather(x)                     [N_r, d], contiguous per destination rank
     xr        = all_to_all(xs, send = per-rank sums of counts, recv = sums of recv_counts)
-    yr        = local experts on xr               [M_r, d]
+                                                   [M_r, d], by source rank, then expert
+    yr        = experts.run_sorted(xr[order], recv_counts.sum(0))[inverse]
+                                                   order: to expert order from the counts
+                                                   (no sort, no second plan)
     ys        = all_to_all(yr, the transposed split sizes)   [N_r, d], back in plan order
     y         = plan.combine(ys)                   weighted scatter-add into [T_r, d]
 
@@ -224,18 +229,19 @@ class ExpertParallelMoE(nn.Module):
     and the auxiliary losses in ``routing.aux`` are those of the local tokens (as with
     per-device balance losses; average them over the ranks, e.g. ``aux / world_size``
     in each rank's loss).
-    The experts are the local shard: an ``FFNExperts(E / W, d, h)`` holding the global
+    The experts are the local shard, e.g. an ``FFNExperts(E / W, d, h)`` holding the global
     experts ``expert_range(E, rank, W)`` (build it with :func:`shard_experts`).
 
     Args:
         router: any :class:`~routelab.Router` over E experts (gates, hash routers, BASE);
             its parameters must be identical on every rank (same seed, or
             :func:`broadcast_replicated`).
-        experts: this rank's ``FFNExperts`` shard with ``E / W`` experts.
+        experts: this rank's ``Experts`` shard with ``E / W`` experts (``FFNExperts``, or
+            any executor with ``run_sorted`` and per-expert tensors).
         policies: ``Routing -> Routing`` transforms applied to the local routing.
         group: the expert-parallel process group (default: the world).
-        assignment: for a balanced-assignment router (BASE: one with ``expert_scores``,
-            ``assign`` and ``routing_from_assignment``), ``"per_rank"`` solves the
+        assignment: for a ``routelab.routers.BalancedAssignmentRouter`` (BASE,
+            Sinkhorn-BASE), ``"per_rank"`` solves the
             balanced assignment over each rank's own tokens (as fairseq does: every expert
             takes an equal share of every rank's tokens), ``"global"`` all-gathers the
             ``[T_r, E]`` scores, solves one assignment over all ranks' tokens (every rank

@@ -8,10 +8,10 @@ gives a zero loss, never NaN.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from routelab._validate import require_float
 
 __all__ = [
     "check_loss_weight",
@@ -26,11 +26,7 @@ __all__ = [
 
 def check_loss_weight(name: str, value: object) -> float:
     """Validate a loss coefficient (or another non-negative option): a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return require_float(name, value, minimum=0.0)
 
 
 def cv_squared(values: Tensor) -> Tensor:

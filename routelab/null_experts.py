@@ -1,6 +1,6 @@
 """Zero-computation experts beside FFN experts (MoE++; Jin et al. 2024, ICLR 2025).
 
-:class:`NullExperts` wraps any expert executor (``FFNExperts``, ``ModuleExperts``)
+``NullExperts`` wraps any expert executor (``FFNExperts``, ``ModuleExperts``)
 over ``E_ffn`` experts and adds the three zero-computation experts of MoE++ after them::
 
     ids [0, E_ffn)                     the wrapped FFN experts
@@ -12,9 +12,11 @@ over ``E_ffn`` experts and adds the three zero-computation experts of MoE++ afte
 ``forward(x [T, d], routing)`` over all ``E = E_ffn + num_zero + num_copy +
 num_constant`` experts: the FFN entries are selected first and only they reach the
 wrapped executor (its public ``forward`` on a Routing over ``E_ffn`` experts), so a
-token routed to null experts costs no FFN compute; copy and constant entries are one
-weighted gather/scatter each, zero entries nothing. ``benchmarks/null_experts.py``
-measures it. MoE++ routes with :class:`routelab.routers.MoEPlusPlusGate`.
+token routed to null experts costs no FFN compute. The copy and constant entries are
+folded per token into ``c_t * x_t + sum_c m_tc v_c`` (a scale ``c [T]`` and a ``[T, C]``
+mixing matrix): O(T d) work however many null entries, no gathered ``[N, d]`` rows;
+zero entries cost nothing. ``benchmarks/null_experts.py``
+measures it. MoE++ routes with ``routelab.routers.MoEPlusPlusGate``.
 """
 
 from __future__ import annotations
@@ -107,22 +109,26 @@ class NullExperts(Experts):
         self.check_call(x, routing)
         y = self.experts(x, self.ffn_routing(routing))
         copy_ids, constant_ids = self.kind_range("copy"), self.kind_range("constant")
-        expert = routing.expert
+        expert, dtype = routing.expert, x.dtype
+        # Per token, the null entries add  c_t * x_t + sum_c m_tc * v_c : no [N, d] rows.
+        scale = x.new_zeros(x.shape[0])  # c_t, the copy and constant experts' share of x_t
         if len(copy_ids):
             hit = (expert >= copy_ids.start) & (expert < copy_ids.stop)
-            token, weight = routing.token[hit], routing.weight[hit]
-            y = y.index_add(0, token, x[token] * weight.to(x.dtype)[:, None])
+            scale = scale.index_add(0, routing.token[hit], routing.weight[hit].to(dtype))
         if len(constant_ids):
             hit = (expert >= constant_ids.start) & (expert < constant_ids.stop)
-            token, weight = routing.token[hit], routing.weight[hit]
+            token, weight = routing.token[hit], routing.weight[hit].to(dtype)
             which = expert[hit] - constant_ids.start  # [n] constant expert index
-            rows = x[token]  # [n, d]
-            gates = self.constant_gate.to(x.dtype)  # [C, d, 2]
-            every = rows @ gates.permute(1, 0, 2).reshape(rows.shape[1], -1)  # [n, C * 2]
-            logits = every.view(-1, gates.shape[0], 2)[torch.arange(rows.shape[0]), which]
-            mix = torch.softmax(logits, dim=-1)  # [n, 2]: a_1, a_2 of each entry's expert
-            out = mix[:, :1] * rows + mix[:, 1:] * self.constant[which].to(x.dtype)
-            y = y.index_add(0, token, out * weight.to(x.dtype)[:, None])
+            count = len(constant_ids)
+            gates = self.constant_gate.to(dtype).permute(1, 0, 2).reshape(x.shape[1], 2 * count)
+            logits = (x @ gates).view(-1, count, 2)[token, which]  # [n, 2]: x_t W_c
+            mix = torch.softmax(logits, dim=-1)  # a_1, a_2 of each entry
+            scale = scale.index_add(0, token, weight * mix[:, 0])
+            vector = x.new_zeros(x.shape[0] * count)  # m_tc [T, C]
+            vector = vector.index_add(0, token * count + which, weight * mix[:, 1])
+            y = y + vector.view(-1, count) @ self.constant.to(dtype)
+        if len(copy_ids) or len(constant_ids):
+            y = y + scale[:, None] * x
         return y
 
     def extra_repr(self) -> str:

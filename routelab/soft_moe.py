@@ -5,7 +5,7 @@ slots, every slot is a convex combination of all tokens of a group (sequence or
 image), and every token's output a convex combination of all slot outputs. Nothing
 is dropped and every expert processes exactly p slots, so the layer is balanced by
 construction. The slots run through the same expert engine as token routing
-(``FFNExperts``) via a slot-to-expert :class:`~routelab.Routing`.
+(``FFNExperts``) via a slot-to-expert ``routelab.Routing``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["SoftMoE", "SoftMoEOutput"]
 
 
 class SoftMoEOutput(NamedTuple):
-    """What a :class:`SoftMoE` forward returns.
+    """What a ``SoftMoE`` forward returns.
 
     Fields (G groups of S tokens, E experts with p slots each, n = E * p):
         output: ``[..., S, d]``, the input's shape.
@@ -69,9 +69,9 @@ class SoftMoE(nn.Module):
 
     The paper's normalisation (l2-normalised inputs and Phi with a learned scalar
     ``scale``, initialised to 1) keeps the logits from growing with d. The experts run
-    through ``experts`` (an :class:`~routelab.experts.Experts` executor over E experts,
+    through ``experts`` (an ``routelab.experts.Experts`` executor over E experts,
     e.g. ``FFNExperts``) on the ``G * n`` slot rows with a slot-to-expert Routing; the
-    dispatch and combine weights come back in :class:`SoftMoEOutput` for
+    dispatch and combine weights come back in ``SoftMoEOutput`` for
     ``analysis.soft_moe_stats`` (slot mass per expert, specialisation over tokens).
 
     Groups: ``x [S, d]`` is one group; ``x [..., S, d]`` has one group per leading index
@@ -139,10 +139,10 @@ class SoftMoE(nn.Module):
         return upcast_half(self.scale).to(x.dtype) * logits
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SoftMoEOutput:
-        """``x [S, d]`` or ``[..., S, d]`` -> :class:`SoftMoEOutput` (output in x's shape).
+        """``x [S, d]`` or ``[..., S, d]`` -> ``SoftMoEOutput`` (output in x's shape).
 
         ``token_ids`` is accepted and ignored, so that the layer drops in where an
-        :class:`~routelab.MoE` is called.
+        ``routelab.MoE`` is called.
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__}")

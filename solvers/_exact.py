@@ -28,6 +28,8 @@ from solvers._ops import row_max
 
 __all__ = ["finish", "violators"]
 
+_ONE_PASS_ENTRIES = 1 << 18  # below this many entries a [T, E] temporary is cheap
+
 
 def violators(S: np.ndarray, p: np.ndarray, owner: np.ndarray, delta: float = 0.0) -> np.ndarray:
     """bool ``[T]``: the assigned tokens that are not delta-CS for prices p."""
@@ -47,8 +49,15 @@ class _Exchange:
         bounds = np.searchsorted(owner[order], np.arange(E + 1))
         self.members = [order[bounds[e] : bounds[e + 1]] for e in range(E)]
         self.M = np.full((E, E), np.inf)
-        for e in range(E):  # E small blocks: cheaper than one [T, E] pass with a sort
-            self.refresh(e)
+        if order.size * E <= _ONE_PASS_ENTRIES:  # small: one vectorised pass, few calls
+            rows = S[order]
+            rows = rows[np.arange(order.size), owner[order]][:, None] - rows
+            filled = np.flatnonzero(bounds[1:] > bounds[:-1])
+            self.M[filled] = np.minimum.reduceat(rows, bounds[filled], axis=0)
+            np.fill_diagonal(self.M, np.inf)
+        else:
+            for e in range(E):  # E small blocks: cheaper than one [T, E] copy
+                self.refresh(e)
 
     def refresh(self, e: int) -> None:
         idx = self.members[e]

@@ -10,7 +10,7 @@ on those scores (a check that the spec describes the model).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -114,6 +114,8 @@ class RoutingCapture:
         model: a ``transformers`` model whose ``config.model_type`` is registered.
         keep: store every LayerRouting in :attr:`layers` (False: only call listeners).
         on_routing: called as ``on_routing(layer_routing)`` for every router call.
+        device: where the stored and passed-on routings live (default ``"cpu"``, so that a
+            long text does not hold accelerator memory; None keeps the model's device).
 
     :attr:`layers` holds, per layer (model order, :attr:`names`), one LayerRouting per
     router call. :meth:`remove` (or leaving the ``with`` block) detaches the hooks.
@@ -125,8 +127,10 @@ class RoutingCapture:
         *,
         keep: bool = True,
         on_routing: Callable[[LayerRouting], None] | None = None,
+        device: torch.device | str | None = "cpu",
     ) -> None:
         self.spec = router_spec(model)
+        self.device = device
         self.routers = find_routers(model, self.spec)
         self.names = [name for name, _ in self.routers]
         self.keep = keep
@@ -143,6 +147,11 @@ class RoutingCapture:
                 record = routing_from_router_output(
                     self.spec, module, output, layer=index, name=name
                 )
+                if self.device is not None:
+                    chosen = record.chosen.to(self.device)
+                    same = record.routing is record.chosen
+                    routing = chosen if same else record.routing.to(self.device)
+                    record = replace(record, routing=routing, chosen=chosen)
             if self.keep:
                 self.layers[index].append(record)
             if self.on_routing is not None:

@@ -348,14 +348,16 @@ def model_inputs(model: nn.Module, ids: Tensor) -> dict[str, Tensor]:
 
 def next_token_loss(model: nn.Module, windows: Sequence[Tensor]) -> float:
     """Mean next-token cross-entropy (nats per predicted token) of ``model`` over
-    ``windows`` (int64 ``[S]`` or ``[B, S]`` each), in eval mode without gradients."""
+    ``windows`` (int64 ``[S]`` or ``[B, S]`` each, moved to the model's device), in eval
+    mode without gradients."""
     total, count = 0.0, 0
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         with torch.no_grad():
             for ids in windows:
-                ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+                ids = (ids.unsqueeze(0) if ids.dim() == 1 else ids).to(device)
                 inputs = model_inputs(model, ids)
                 B, S = ids.shape
                 predicted = B * S if "decoder_input_ids" in inputs else B * (S - 1)

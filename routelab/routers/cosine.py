@@ -32,11 +32,11 @@ class CosineTopKGate(TokenChoiceRouter):
     bounded by ``1 / tau``. ``tau`` is learned (parametrised as ``log tau``), initialised to
     ``temperature`` and clamped below by ``min_temperature``. ``probs = softmax(s)``.
     The selection is the token-choice ``TopKSelection(k, softmax_after_topk=True)``
-    (:mod:`routelab.routers.topk`); ``analysis.representation_collapse`` measures the
+    (``routelab.routers.topk``); ``analysis.representation_collapse`` measures the
     collapse on routed representations.
 
     Losses (absent at weight 0): ``aux["balance"] = balance_weight * E * sum_i f_i P_i``
-    over the top-k entries (:func:`routelab.losses.load_balance_loss`) and the router
+    over the top-k entries (``routelab.losses.load_balance_loss``) and the router
     z-loss ``aux["z"]`` of the base class.
 
     Args:

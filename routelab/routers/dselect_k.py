@@ -95,6 +95,23 @@ class DSelectKGate(Router):
     tokens in the per-example variant; ``entropy(r) = -sum_l r_l log(r_l + 1e-6)``); it
     pushes the selectors to binary states. 0 switches it off (no ``entropy`` key).
 
+    Conventions, and where they differ from the authors' reference code
+    (google-research/dselect_k_moe, Keras):
+
+    - Bit order: here ``z_j`` is bit j of the code counting from the least significant
+      (expert l = sum_j b_j 2^j); the reference builds its codes with
+      ``np.binary_repr``, so its j-th logit is the most significant bit. Reversing each
+      selector's m logits converts one into the other;
+      :meth:`load_reference_parameters` does it (and transposes Keras kernels), so
+      reference weights load and give the same gate.
+    - E not a power of two: the reference keeps the first E codes without renormalising
+      (a selector's weights may sum to less than 1) and adds the loss
+      ``sum 1 / sum_l r_l`` (not added here); routelab renormalises each selector over
+      the valid codes instead (:func:`selector_weights`), so G sums to 1 exactly.
+    - Entropy: the reference sums the entropy over every example of the batch; here it
+      is averaged over tokens (the reference's value / T), so ``entropy_weight`` does not
+      depend on the batch size.
+
     Init (as in the paper's code): z and its projection ``W`` uniform in ``±gamma/100``, so
     every selector starts near the uniform distribution; the static alpha starts at zero,
     ``A`` uniform in ``±0.05`` with a zero bias.
@@ -137,6 +154,48 @@ class DSelectKGate(Router):
         else:
             self.z = nn.Parameter(torch.empty(self.k, self.num_bits).uniform_(-bound, bound))
             self.alpha = nn.Parameter(torch.zeros(self.k))
+
+    @torch.no_grad()
+    def load_reference_parameters(
+        self,
+        z: object,
+        alpha: object,
+        z_bias: object = None,
+        alpha_bias: object = None,
+    ) -> None:
+        """Copy parameters in the layout of the authors' Keras code (google-research
+        dselect_k_moe) into this gate, converting the bit order (their logits are most
+        significant bit first, ours least significant first).
+
+        Static variant: ``z`` is their ``z_logits`` ``[k, 1, m]`` (or ``[k, m]``), ``alpha``
+        their ``w_logits`` ``[k, 1]`` (or ``[k]``). Per-example variant: ``z`` and ``alpha``
+        are the Dense kernels ``[d, k*m]`` and ``[d, k]``, ``z_bias`` ``[k*m]`` and
+        ``alpha_bias`` ``[k]`` their biases. Arrays may be numpy or torch.
+        """
+        k, m = self.k, self.num_bits
+
+        def tensor(name: str, value: object, shape: tuple[int, ...]) -> Tensor:
+            t = torch.as_tensor(value, dtype=torch.float64)
+            if t.numel() != math.prod(shape):
+                raise ValueError(
+                    f"{name} must have {math.prod(shape)} values {shape}, got {tuple(t.shape)}"
+                )
+            return t.reshape(shape)
+
+        def msb_to_lsb(t: Tensor) -> Tensor:  # [..., k*m] -> bits reversed per selector
+            return t.reshape(*t.shape[:-1], k, m).flip(-1).reshape(*t.shape[:-1], k * m)
+
+        if not self.per_example:
+            self.z.copy_(tensor("z", z, (k, m)).flip(-1))
+            self.alpha.copy_(tensor("alpha", alpha, (k,)))
+            return
+        if z_bias is None or alpha_bias is None:
+            raise ValueError("the per-example variant needs z_bias and alpha_bias")
+        d = self.d_model
+        self.z_proj.weight.copy_(msb_to_lsb(tensor("z", z, (d, k * m))).t())
+        self.z_proj.bias.copy_(msb_to_lsb(tensor("z_bias", z_bias, (k * m,))))
+        self.alpha_proj.weight.copy_(tensor("alpha", alpha, (d, k)).t())
+        self.alpha_proj.bias.copy_(tensor("alpha_bias", alpha_bias, (k,)))
 
     def gate_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(G, r)``: the expert weights ``[T, E]`` and the selectors ``[T, k, E]``

@@ -22,7 +22,7 @@ class MoEPlusPlusGate(TokenChoiceRouter):
 
     E experts: the first ``E - num_null`` are FFN experts, the last ``num_null`` are
     zero-computation experts (zero / copy / constant; run them with
-    :class:`routelab.null_experts.NullExperts`, whose ids follow the same layout).
+    ``routelab.null_experts.NullExperts``, whose ids follow the same layout).
 
     Formula for layer j (``x [T, d]``)::
 
@@ -34,11 +34,11 @@ class MoEPlusPlusGate(TokenChoiceRouter):
     layer); with ``residual_map=False`` the previous logits are added as they are (the
     two layers need the same E). A token may pick only null experts and skip the FFNs.
     The selection is the token-choice ``TopKSelection(k, softmax_after_topk=True)``
-    (:mod:`routelab.routers.topk`).
+    (``routelab.routers.topk``).
 
     Gating residuals, the design: the gate of layer j is linked to the gate of layer j-1
-    (``residual_from=`` at construction, :meth:`link_residual`, or
-    :func:`link_gating_residuals` over a model's layers, which ``routelab.DeepMoE``
+    (``residual_from=`` at construction, ``link_residual``, or
+    ``link_gating_residuals`` over a model's layers, which ``routelab.DeepMoE``
     calls) and reads that gate's ``last_logits`` (the ``[T, E]`` logits of its most
     recent forward, kept in the autograd graph so the residual's gradient reaches layer
     j-1, as in the paper). No signature changes: the model runs its layers in order as
@@ -47,7 +47,7 @@ class MoEPlusPlusGate(TokenChoiceRouter):
 
     Loss (heterogeneous load balance): ``aux["balance"] = balance_weight * E *
     sum_i eta_i f_i P_i`` with ``eta_i = 1`` for FFN experts and ``tau`` for null
-    experts (:func:`routelab.losses.load_balance_loss` of ``eta * probs``): tau < 1 lets
+    experts (``routelab.losses.load_balance_loss`` of ``eta * probs``): tau < 1 lets
     more tokens go to the zero-computation experts. The z-loss of the base class is
     ``aux["z"]``. Logits in at least fp32.
 
@@ -60,7 +60,7 @@ class MoEPlusPlusGate(TokenChoiceRouter):
         balance_weight: >= 0 (absent from ``aux`` when 0).
         residual_from: the previous layer's MoEPlusPlusGate (None: no gating residual).
         residual_map: learn ``W_g`` (True) or add the previous logits unchanged.
-        gating_residual: whether :func:`link_gating_residuals` (which ``DeepMoE`` calls)
+        gating_residual: whether ``link_gating_residuals`` (which ``DeepMoE`` calls)
             links this gate to the previous layer's; ``residual_from`` links it anyway.
         bias: whether the router has a bias.
         z_weight: router z-loss coefficient >= 0.
@@ -190,7 +190,7 @@ def link_gating_residuals(layers: Iterable[nn.Module]) -> int:
     """Link every MoE++ gate of consecutive layers to the gate of the layer before it.
 
     ``layers`` in model order: MoE layers (their ``router``) or gates. A gate is linked
-    when the layer before it also has a :class:`MoEPlusPlusGate`, it has
+    when the layer before it also has a ``MoEPlusPlusGate``, it has
     ``gating_residual=True`` and no source yet. Returns the number of links made.
     """
     previous: MoEPlusPlusGate | None = None

@@ -29,7 +29,7 @@ class SparsityCoefficient(BalancingState):
     while it is sparser. The counts of every forward since the last update (and, with a
     process group, of every rank) are summed, so S is the sparsity of the whole step; a
     controller shared by several layers' gates measures the sparsity over all of them,
-    as the paper does. ``forward`` only observes (:class:`routelab.balancing.BalancingState`).
+    as the paper does. ``forward`` only observes (``routelab.balancing.BalancingState``).
 
     Buffers: ``coefficient`` (float64 scalar, lambda), plus the pending counts.
 
@@ -96,7 +96,7 @@ class ReMoEGate(Router):
                    f_e = E / (k T) * sum_x 1[G(x)_e > 0]            (not differentiated)
 
     The load-balanced variant (the paper's default) penalises busy experts' gates more.
-    lambda lives in ``controller`` (:class:`SparsityCoefficient`): forward observes the
+    lambda lives in ``controller`` (``SparsityCoefficient``): forward observes the
     number of non-zero gates, ``routelab.balancing.update_balancing(model)`` after
     ``optimizer.step()`` applies ``lambda <- lambda * alpha ** sign(target - S)``.
     ``probs`` is None (ReLU gates are not a distribution). Logits in at least fp32.
@@ -109,7 +109,7 @@ class ReMoEGate(Router):
         initial_coefficient: lambda_0 > 0 (1e-8 in the paper).
         multiplier: alpha > 1 (1.2 in the paper).
         bias: whether the router has a bias b.
-        controller: a :class:`SparsityCoefficient` to share (one lambda over several
+        controller: a ``SparsityCoefficient`` to share (one lambda over several
             layers, as in the paper); default: a new one of this gate.
     """
 

@@ -36,9 +36,9 @@ class TopPGate(Router):
     - ``aux["dynamic"] = dynamic_weight * (1/T) sum_x H(P(x))`` with
       ``H(P) = -sum_i P_i log P_i``, the paper's dynamic loss: without it the router
       learns to spread its probability so that every token takes many experts
-      (:func:`router_entropy_loss`; the paper uses 1e-4).
+      (``router_entropy_loss``; the paper uses 1e-4).
     - ``aux["balance"] = balance_weight * E * sum_i f_i P_i`` with ``f_i`` the fraction of
-      routing entries on expert i (:func:`routelab.losses.load_balance_loss`; the
+      routing entries on expert i (``routelab.losses.load_balance_loss``; the
       paper uses 1e-2).
 
     Logits are computed in at least fp32.

@@ -62,7 +62,10 @@ def no_training(monkeypatch):
         (["compare", "--lr", "inf"], "--lr"),
         (["compare", "--experts", "x"], "--experts"),
         (["compare", "--dataset", "imagenet"], "invalid choice"),
-        (["compare", "--routers", "hash-multi-hash", "--experts", "3"], "cannot run with --experts 3"),
+        (
+            ["compare", "--routers", "hash-multi-hash", "--experts", "3"],
+            "cannot run with --experts 3",
+        ),
         (["compare", "--routers", "top2", "--experts", "1"], "'top2' cannot run with --experts 1"),
         (["compare", "--routers", "hash-random", "--dataset", "digits"], "runs on tokens"),
         (["compare", "--out", "/proc/routelab-not-writable"], "not writable"),
@@ -135,7 +138,9 @@ def test_subcommands_are_registered_from_one_table():
 
 
 def test_demo_with_a_registry_router(capsys):
-    status, out, _ = run_cli(["demo", "--router", "base", "--tokens", "256", "--experts", "4"], capsys)
+    status, out, _ = run_cli(
+        ["demo", "--router", "base", "--tokens", "256", "--experts", "4"], capsys
+    )
     assert status == 0
     loads = [int(line.split()[2]) for line in out.splitlines() if line.startswith("expert ")]
     assert loads == [64, 64, 64, 64]  # BASE: every expert exactly T / E
@@ -164,9 +169,13 @@ def test_compare_quick_end_to_end(tmp_path, capsys):
     softmax = next(r for r in metrics["datasets"]["digits"]["results"] if r["router"] == "softmax")
     assert softmax["dense"] and "| softmax |" in report
     digits_section = report.split("\n## digits\n")[1]
-    softmax_line = next(l for l in digits_section.splitlines() if l.startswith("| softmax |"))
+    softmax_line = next(
+        line for line in digits_section.splitlines() if line.startswith("| softmax |")
+    )
     assert softmax_line.count("n/a") >= 4
-    switch = next(r for r in metrics["datasets"]["tokens"]["results"] if r["router"] == "switch-cf0.5")
+    switch = next(
+        r for r in metrics["datasets"]["tokens"]["results"] if r["router"] == "switch-cf0.5"
+    )
     assert switch["executed"]["num_dropped"] > 0
     assert switch["chosen"]["num_dropped"] == 0  # the router's own choice drops nothing
     assert len(switch["shuffled_mutual_information"]) == 10

@@ -238,3 +238,40 @@ def test_cli_usage_errors(tmp_path, capsys):
     code = main(["inspect-model", str(checkpoint("olmoe")), "--text", str(tmp_path / "none")])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+class _CharTokenizer:
+    def __call__(self, text):
+        return {"input_ids": [ord(c) % 50 for c in text]}
+
+
+def test_read_text_labels_documents_by_their_first_path_component(tmp_path):
+    from analysis.inspect_model import read_text
+
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x" * 30)
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y" * 30)
+    (tmp_path / "top.txt").write_text("z" * 30)
+    (tmp_path / "binary.bin").write_bytes(b"\x00\x01")
+    data = read_text(tmp_path, _CharTokenizer(), seq_len=20, max_tokens=70)
+    assert data.num_tokens == 70
+    # windows are taken from the labels in turn: pkg, top.txt, pkg, top.txt, pkg ...
+    names = [data.label_names[int(lab[0])] for lab in data.labels]
+    assert names[:4] == ["pkg", "top.txt", "pkg", "top.txt"]
+    assert set(data.label_names) == {"pkg", "top.txt"}
+    for window, labels in zip(data.windows, data.labels):
+        assert window.shape == labels.shape and 2 <= window.numel() <= 20
+    with pytest.raises(FileNotFoundError):
+        read_text(tmp_path / "missing", _CharTokenizer())
+
+
+def test_swap_targets():
+    from analysis.inspect_model import swap_targets
+
+    assert swap_targets(3, "auto") == [0, 1, 2, "all"]
+    assert swap_targets(20, "auto") == [0, 10, 19, "all"]
+    assert swap_targets(20, "all") == ["all"]
+    assert swap_targets(20, "3,5") == [3, 5]
+    for bad in ("3,x", "", "25"):
+        with pytest.raises(ValueError, match="swap_layers"):
+            swap_targets(20, bad)

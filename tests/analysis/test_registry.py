@@ -15,7 +15,7 @@ from analysis.registry import (
     resolve_routers,
 )
 from routelab import MoE
-from routelab.policies import CapacityPolicy, Policy, PausingPolicy
+from routelab.policies import CapacityPolicy, PausingPolicy, Policy
 from routelab.router import Router
 from routelab.routers import SwitchGate, TopKGate
 
@@ -124,7 +124,7 @@ def test_sweepable_options_and_their_checks():
     assert REGISTRY["top2"].with_options(k=3.0).options["k"] == 3  # whole floats become ints
     with pytest.raises(ValueError, match="whole numbers"):
         REGISTRY["top2"].with_options(k=1.5)
-    with pytest.raises(ValueError, match="no option 'nope'.*its options: k, bias"):
+    with pytest.raises(ValueError, match=r"no option 'nope'.*its options: k, bias"):
         REGISTRY["top2"].with_options(nope=1)
     with pytest.raises(ValueError, match="finite"):
         REGISTRY["noisy-top2"].with_options(load_weight=float("nan"))

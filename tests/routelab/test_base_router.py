@@ -108,3 +108,24 @@ def test_bad_method_or_option_is_a_clear_error():
         BASERouter(8, 4, method="magic")
     with pytest.raises(TypeError, match="unknown option"):
         BASERouter(8, 4, method="greedy", tol=1e-3)
+
+
+def test_route_with_assignment_is_the_protocol_expert_parallelism_uses():
+    """BalancedAssignmentRouter: a replacement assign (e.g. solved over every rank's
+    tokens) keeps the router's input checks and combine weights."""
+    from routelab.routers import BalancedAssignmentRouter, SinkhornRouter
+
+    assert issubclass(BASERouter, BalancedAssignmentRouter)
+    assert issubclass(SinkhornRouter, BalancedAssignmentRouter)
+    torch.manual_seed(0)
+    router = BASERouter(4, 3)
+    x = torch.randn(6, 4)
+    forced = torch.tensor([2, 2, 0, 1, 0, 1])
+    routing = router.route_with_assignment(x, assign=lambda scores: forced)
+    assert routing.expert.tolist() == forced.tolist()
+    scores = x @ router.expert_embeddings.t()
+    torch.testing.assert_close(routing.weight, torch.sigmoid(scores[torch.arange(6), forced]))
+    with pytest.raises(ValueError, match="d_model"):
+        router.route_with_assignment(torch.randn(6, 5), assign=lambda scores: forced)
+    with pytest.raises(ValueError, match="assign must return"):
+        router.route_with_assignment(x, assign=lambda scores: forced[:3])

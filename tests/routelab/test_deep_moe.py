@@ -66,3 +66,29 @@ def test_bad_arguments():
         DeepMoE(4, 2, num_layers=0)
     with pytest.raises(TypeError, match="in_features"):
         DeepMoE(4.0, 2)
+
+
+def test_make_layer_builds_each_layer_and_excludes_the_factories():
+    from routelab import FFNExperts, MoE
+
+    built = []
+
+    def make_layer(i):
+        layer = MoE(TopKGate(8, 4, k=1), FFNExperts(4, 8, 3))
+        built.append((i, layer))
+        return layer
+
+    model = DeepMoE(6, 2, d_model=8, num_experts=4, num_layers=3, make_layer=make_layer)
+    assert [i for i, _ in built] == [0, 1, 2]
+    assert all(model.layers[i] is layer for i, layer in built)
+    assert model(torch.randn(5, 6)).logits.shape == (5, 2)
+    with pytest.raises(ValueError, match="not both"):
+        DeepMoE(6, 2, make_layer=make_layer, make_router=lambda d, e: TopKGate(d, e))
+    with pytest.raises(ValueError, match="num_experts = 4"):
+        DeepMoE(
+            6,
+            2,
+            d_model=8,
+            num_experts=4,
+            make_layer=lambda i: MoE(TopKGate(8, 3), FFNExperts(3, 8, 4)),
+        )

@@ -263,3 +263,70 @@ def test_selector_weights_and_gradients_match_the_per_code_formula(E):
     (g_got,) = torch.autograd.grad((got * coef).sum(), steps)
     (g_want,) = torch.autograd.grad((want * coef).sum(), steps)
     torch.testing.assert_close(g_got, g_want, atol=1e-13, rtol=1e-12)
+
+
+# ------------------------------------------------------------------ reference conventions
+def _reference_expert_weights(x, z_kernel, z_bias, w_kernel, w_bias, num_experts, k, gamma):
+    """A numpy transcription of google-research dselect_k_moe's example-conditioned gate
+    (binary codes from np.binary_repr, most significant bit first; no renormalisation)."""
+    import math as _math
+
+    import numpy as np
+
+    m = _math.ceil(_math.log2(num_experts))
+    codes = (
+        np.array([list(np.binary_repr(v, width=m)) for v in range(num_experts)])
+        .astype(int)
+        .astype(bool)
+    )  # [E, m]
+    logits = (x @ z_kernel + z_bias).reshape(-1, k, 1, m)
+    t = logits
+    step = np.where(
+        t <= -gamma / 2,
+        0.0,
+        np.where(t >= gamma / 2, 1.0, -2 / gamma**3 * t**3 + 3 / (2 * gamma) * t + 0.5),
+    )
+    selectors = np.prod(np.where(codes[None, None], step, 1 - step), axis=3)  # [T, k, E]
+    w = (x @ w_kernel + w_bias)[:, :, None]
+    w = np.exp(w - w.max(axis=1, keepdims=True))
+    w = w / w.sum(axis=1, keepdims=True)
+    return (w * selectors).sum(axis=1), selectors
+
+
+@pytest.mark.parametrize("E", [8, 4, 6, 5])
+def test_reference_parameters_load_and_give_the_reference_gate(E):
+    import numpy as np
+
+    rng = np.random.default_rng(E)
+    d, k, gamma, T = 5, 2, 1.0, 11
+    m = max(1, int(np.ceil(np.log2(E))))
+    # inside the smooth region (|z| < gamma / 2): no selector collapses onto a missing code
+    z_kernel, z_bias = rng.uniform(-0.08, 0.08, (d, k * m)), rng.uniform(-0.1, 0.1, k * m)
+    w_kernel, w_bias = rng.uniform(-1, 1, (d, k)), rng.uniform(-1, 1, k)
+    x = rng.normal(size=(T, d))
+    reference, selectors = _reference_expert_weights(
+        x, z_kernel, z_bias, w_kernel, w_bias, E, k, gamma
+    )
+    gate = DSelectKGate(d, E, k=k, gamma=gamma).double()
+    gate.load_reference_parameters(z_kernel, w_kernel, z_bias, w_bias)
+    ours, r = gate.gate_weights(torch.from_numpy(x))
+    if E & (E - 1) == 0:  # a power of two: the same gate
+        np.testing.assert_allclose(ours.detach().numpy(), reference, rtol=1e-12, atol=1e-12)
+    # any E: our selectors are the reference's renormalised over the valid codes
+    expected = selectors / selectors.sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(r.detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_static_parameters_load():
+    import numpy as np
+
+    z_logits = np.array([[[0.9, -0.9, 0.9]], [[-0.9, -0.9, 0.9]]])  # MSB first: 5 and 1
+    gate = DSelectKGate(3, 8, k=2, per_example=False).double()
+    gate.load_reference_parameters(z_logits, np.zeros((2, 1)))
+    weights, _ = gate.gate_weights(torch.zeros(1, 3, dtype=torch.float64))
+    assert torch.nonzero(weights[0]).flatten().tolist() == [1, 5]
+    torch.testing.assert_close(weights[0, [1, 5]], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match="z must have"):
+        gate.load_reference_parameters(np.zeros((2, 2)), np.zeros(2))
+    with pytest.raises(ValueError, match="z_bias"):
+        DSelectKGate(3, 8, k=2).load_reference_parameters(np.zeros((3, 6)), np.zeros((3, 2)))

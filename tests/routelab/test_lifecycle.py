@@ -43,6 +43,7 @@ from routelab.routers import (
     TopPGate,
 )
 from routelab.routers.topk import TopKRouter
+from routelab.testing import RouterContract
 
 D, H, V = 6, 10, 40
 
@@ -96,6 +97,21 @@ def _run(moe: MoE, x, ids):
 
 
 # ---------------------------------------------------------------------- growth
+class TestGrownTopKGateIsARouter(RouterContract):
+    expect = {"k": 2}
+
+    def make_router(self, d_model, num_experts):
+        moe = MoE(TopKGate(d_model, num_experts - 2), FFNExperts(num_experts - 2, d_model, 4))
+        return grow_experts(moe, 2, init="scratch", gate="scratch").router
+
+
+class TestPrunedSwitchGateIsARouter(RouterContract):
+    # Switch weights are p_i(x), not summing to 1: no `k` expectation
+    def make_router(self, d_model, num_experts):
+        moe = MoE(SwitchGate(d_model, num_experts + 3), FFNExperts(num_experts + 3, d_model, 4))
+        return prune_experts(moe, torch.arange(num_experts + 3.0), num_remove=3).moe.router
+
+
 @pytest.mark.parametrize("kind", MASKABLE)
 @settings(max_examples=8)
 @given(T=st.integers(0, 33), n=st.integers(1, 5), seed=st.integers(0, 10**6))

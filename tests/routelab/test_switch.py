@@ -1,4 +1,5 @@
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -133,7 +134,8 @@ def test_capacity_policy_drops_the_overflow(T, factor, seed):
         gate.proj.bias[0] += 2.0  # skew towards expert 0 so something overflows
     routing = gate(torch.randn(T, 6))
     kept = CapacityPolicy(factor)(routing)
-    capacity = math.ceil(factor * T / 4)
+    q = Fraction(repr(factor)) * T  # the decimal written, exactly: ceil(q / E)
+    capacity = -((-q.numerator) // (q.denominator * 4))
     assert kept.capacity == capacity
     check_routing(kept, capacity=capacity)
     assert kept.num_entries + kept.dropped.num_entries == T

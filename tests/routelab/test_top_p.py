@@ -131,3 +131,15 @@ def test_variable_entries_run_through_capacity_and_experts():
 def test_bad_threshold_is_a_clear_error(p, error):
     with pytest.raises(error, match="p"):
         TopPGate(4, 4, p=p)
+
+
+@given(T=st.integers(1, 12), E=st.integers(1, 8), p=st.floats(0.01, 1.0), seed=st.integers(0, 99))
+def test_each_token_keeps_the_smallest_prefix_reaching_p(T, E, p, seed):
+    probs = torch.softmax(torch.randn(T, E, generator=torch.Generator().manual_seed(seed)), 1)
+    routing = top_p_routing(probs.double(), p)
+    for t in range(T):
+        weights = routing.weight[routing.token == t]
+        assert bool((weights[:-1] >= weights[1:]).all())  # descending
+        reached = float(weights.sum()) >= p - 1e-12
+        assert reached or weights.numel() == E  # reaches p (or takes every expert)
+        assert float(weights[:-1].sum()) < p  # without its last expert it would not

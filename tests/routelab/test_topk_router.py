@@ -161,6 +161,20 @@ def test_topk_softmax_routing_selects_on_select_logits():
     torch.testing.assert_close(routing.to_dense(), expected)
 
 
+def test_select_scores_is_select_on_precomputed_scores():
+    torch.manual_seed(4)
+    logits = torch.randn(12, 8, dtype=torch.float64)
+    bias = torch.randn(8, dtype=torch.float64)
+    for config in (TopKSelection(3, score="sigmoid"), TopKSelection(2, normalize=False)):
+        a = config.select(logits, selection_bias=bias)
+        b = config.select_scores(config.scores(logits), selection_bias=bias)
+        assert torch.equal(a.indices, b.indices)
+        torch.testing.assert_close(a.weights, b.weights)
+        torch.testing.assert_close(a.probs, b.probs)
+    with pytest.raises(ValueError, match="logits"):
+        TopKSelection(2, softmax_after_topk=True).select_scores(logits.softmax(1))
+
+
 def test_forced_indices_give_the_weights_of_those_experts():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]], dtype=torch.float64)
     sel = TopKSelection(2, score="sigmoid").select(logits, indices=torch.tensor([[0, 1]]))
