@@ -366,7 +366,7 @@ def _add_sweep(sub: Any, router: str | None = None) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from analysis.compare import Job, default_grid, sweep
+    from analysis.compare import default_grid, sweep, sweep_jobs
 
     settings = _settings(args)
     row = _row(args.router)
@@ -380,8 +380,8 @@ def _sweep(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     _check_rows(cells, settings)
-    jobs = [Job(args.dataset, row.name, ((k, v),)) for k, vs in grid.items() for v in vs]
-    _check_out("sweep", args.out, settings, jobs, True)  # writability; the run re-checks
+    _, jobs = sweep_jobs(row.name, grid, args.dataset)
+    _check_out("sweep", args.out, settings, jobs, args.overwrite, {"grid": grid})
     sweep(
         args.out,
         router=row.name,
@@ -421,6 +421,13 @@ def _add_inspect_model(sub: Any) -> None:
         type=positive_int,
         default=8,
         help="keep the domains with the most files (8)",
+    )
+    p.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=positive_int,
+        default=1,
+        help="windows per forward (1); capacity counterfactuals act per forward",
     )
     p.add_argument("--no-swaps", action="store_true", help="skip the router swaps")
     p.add_argument(

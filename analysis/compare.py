@@ -15,8 +15,9 @@ auxiliary losses, from the same seed and on the same batches for every row, call
   (mean and standard deviation: the chance level on a sample of this size).
 - stability: the fraction of held-out items whose set of experts changed between the
   middle and the end of training (eval-mode routings of the first held-out batch).
-- the task metric on the held-out split, wall time per training step and the CPU time
-  of the whole job.
+- the task metric on the held-out split, the CPU time per training step (one torch
+  thread, so it is the step's compute, little changed by other load on the machine; the
+  wall time is in ``metrics.json`` too) and the CPU time of the whole job.
 
 Jobs run in worker processes (one torch thread each; ``workers`` of them at a time):
 the models are small, so one process per core is what makes the run fast.
@@ -67,14 +68,18 @@ __all__ = [
     "run_fingerprint",
     "run_jobs",
     "sweep",
+    "sweep_jobs",
     "train_and_measure",
 ]
 
-# Measured CPU seconds per training step (d = 32, E = 8, batch 256, one torch thread, a
-# quiet 2-core machine), for the estimate printed before a run.
-SECONDS_PER_STEP = {"tokens": 0.0085, "digits": 0.0080}
-SECONDS_PER_JOB = 0.6  # model set-up, evaluation and measurement
-SECONDS_PER_WORKER = 4.0  # process start and data set preparation
+# CPU seconds measured in the default run (docs/report: d = 32, E = 8, batch 256, one torch
+# thread per worker), for the estimate printed before a run: per training step, per job
+# (model set-up, evaluation, measurement), per worker (process start, data preparation)
+# and once (imports, checks, plots in the main process).
+SECONDS_PER_STEP = {"tokens": 0.0095, "digits": 0.0100}
+SECONDS_PER_JOB = 0.5
+SECONDS_PER_WORKER = 4.5
+SECONDS_FIXED = 10.0
 
 
 @dataclass
@@ -149,6 +154,7 @@ class RunResult:
     mean_purity: float
     stability: float
     ms_per_step: float
+    wall_ms_per_step: float
     cpu_seconds: float
     wall_seconds: float
     cv_history: list[float]
@@ -194,6 +200,7 @@ class RunResult:
             "mean_purity": self.mean_purity,
             "stability_changed_fraction": self.stability,
             "ms_per_step": self.ms_per_step,
+            "wall_ms_per_step": self.wall_ms_per_step,
             "cpu_seconds": self.cpu_seconds,
             "wall_seconds": self.wall_seconds,
             "cv_load_per_step": self.cv_history,
@@ -258,11 +265,11 @@ def train_and_measure(
     train_rec = RoutingRecorder(model, num_labels=dataset.num_labels, mode="train")
     probe = dataset.evaluation[0]
     mid_routing = None
-    elapsed = 0.0
+    elapsed = cpu_elapsed = 0.0
     steps = len(dataset.train_batches)
     model.train()
     for step, batch in enumerate(dataset.train_batches):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         train_rec.set_labels(batch.labels)
         logits, routings = model(batch.inputs, batch.token_ids)
         loss = task_loss(dataset, logits, batch.targets)
@@ -272,6 +279,7 @@ def train_and_measure(
         optimiser.step()
         update_balancing(model)
         elapsed += time.perf_counter() - start
+        cpu_elapsed += time.process_time() - cpu
         train_rec.step()
         if step == steps // 2 - 1:
             mid_routing = _probe_routing(model, probe)
@@ -331,7 +339,8 @@ def train_and_measure(
         normalised_mi=spec.normalised_mi,
         mean_purity=spec.mean_purity,
         stability=stability,
-        ms_per_step=1000.0 * elapsed / steps,
+        ms_per_step=1000.0 * cpu_elapsed / steps,
+        wall_ms_per_step=1000.0 * elapsed / steps,
         cpu_seconds=time.process_time() - cpu_start,
         wall_seconds=time.perf_counter() - wall_start,
         cv_history=train_rec.cv_history(0),
@@ -385,7 +394,7 @@ def estimate_seconds(jobs: Sequence[Job], settings: CompareSettings, workers: in
         for job in jobs
     )
     used = max(1, min(workers, len(jobs)))
-    return cpu / used + SECONDS_PER_WORKER
+    return cpu / used + SECONDS_PER_WORKER + SECONDS_FIXED
 
 
 _PROGRESS: Any = None  # the worker's progress queue (set by the pool initialiser)
@@ -429,7 +438,8 @@ class _Bar:
             if s < self.steps
         ]
         finished = sum(s >= self.steps for s in self.done.values())
-        self.bar.set_description(f"{finished}/{len(self.jobs)} runs | " + ", ".join(running[:3]))
+        running_text = ", ".join(running[:3]) if running else "done"
+        self.bar.set_description(f"{finished}/{len(self.jobs)} runs | {running_text}")
 
     def close(self) -> None:
         self.bar.close()
@@ -478,6 +488,17 @@ def run_jobs(
             return [p.get() for p in pending]
     finally:
         bar.close()
+
+
+def _rounded(value: Any, digits: int = 6) -> Any:
+    """``value`` with every float rounded to ``digits`` significant digits (compact JSON)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, Mapping):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v, digits) for v in value]
+    return value
 
 
 def _cpu_seconds() -> float:
@@ -720,9 +741,10 @@ def compare(
         },
         "plots": plot_files,
     }
+    metrics = _rounded(metrics)  # the report is rendered from exactly what metrics.json holds
     report = report_markdown(metrics)
     files: dict[str, str | bytes] = {p: b"" for ps in plot_files.values() for p in ps}
-    files["metrics.json"] = json.dumps(metrics, indent=1) + "\n"
+    files["metrics.json"] = json.dumps(metrics, separators=(",", ":")) + "\n"
     files["report.md"] = report
     _write_run(out, fingerprint, files)
     if log is not None:
@@ -773,11 +795,7 @@ def sweep(
     keys = list(grid)
     rows_key, cols_key = keys[0], keys[1] if len(keys) == 2 else None
     col_values = list(grid[cols_key]) if cols_key else [None]
-    cells_options = []
-    for a in grid[rows_key]:
-        for b in col_values:
-            cells_options.append({rows_key: a} if cols_key is None else {rows_key: a, cols_key: b})
-    jobs = [Job(dataset, router, tuple(opts.items())) for opts in cells_options]
+    cells_options, jobs = sweep_jobs(router, grid, dataset)
     workers = default_workers() if workers is None else require_int("workers", workers, minimum=1)
     fingerprint = {**run_fingerprint("sweep", settings, jobs), "grid": grid}
     out = check_run_directory(out, fingerprint, overwrite)
@@ -833,6 +851,17 @@ def sweep(
         },
     )
     return cells
+
+
+def sweep_jobs(
+    router: str, grid: Mapping[str, Sequence[float]], dataset: str
+) -> tuple[list[dict[str, Any]], list[Job]]:
+    """The cells of ``grid`` (every combination, first option slowest) and their jobs."""
+    keys = list(grid)
+    cells: list[dict[str, Any]] = [{}]
+    for key in keys:
+        cells = [{**cell, key: value} for cell in cells for value in grid[key]]
+    return cells, [Job(dataset, router, tuple(cell.items())) for cell in cells]
 
 
 def default_grid(row: CompareRow) -> dict[str, list[float]]:

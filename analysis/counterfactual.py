@@ -18,8 +18,9 @@ choice ``chosen`` with its scores ``probs [T, E]``, per router call), what would
       score_lost = 1 - score(balanced) / score(greedy)
 
 - **a loss-free bias** have to be to reach that balance: :func:`fit_balancing_bias`
-  runs the auxiliary-loss-free update (Wang et al. 2024; DeepSeek-V3) on the recorded
-  scores, ``b_e += rate_t * sign(mean load - load_e)`` with the model's own selection
+  runs the auxiliary-loss-free update (Wang et al. 2024; DeepSeek-V3; routelab's
+  ``SelectionBias``) on the recorded scores,
+  ``b_e += rate_t * sign(mean load - load_e)`` with the model's own selection
   ``TopK(select(probs, b), k)`` and a decaying rate, and keeps the bias with the most
   even load.
 
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from analysis.metrics import LoadStats, concat_routings
 from analysis.specialisation import routing_stability
+from routelab.balancing import SelectionBias
 from routelab.hf.capture import LayerRouting
 from routelab.hf.swap import balanced_routing
 from routelab.policies import CapacityPolicy
@@ -185,29 +187,31 @@ def fit_balancing_bias(
 ) -> BiasFit:
     """The loss-free balancing bias on a layer's recorded scores (module docstring).
 
-    Selection is the model's own (``spec.select`` with the bias added: group limits and
-    the router's own correction bias included). ``rate`` defaults to 5 % of the score
-    range; it shrinks by ``decay`` each step. Stops early once ``max/mean`` load reaches
-    ``target_max_over_mean``; returns the best bias seen (the zero bias counts).
+    The bias is routelab's ``SelectionBias`` (the paper's update rule, applied in its
+    explicit update step after each pass over the scores); selection is the model's own
+    (``spec.select`` with the bias added: group limits and the router's own correction
+    bias included). ``rate`` defaults to 5 % of the score range; it shrinks by ``decay``
+    each step. Stops early once ``max/mean`` load reaches ``target_max_over_mean``;
+    returns the best bias seen (the zero bias counts).
     """
     first = records[0]
     probs = torch.cat([r.chosen.probs for r in records])  # type: ignore[misc]
     E, k = probs.shape[1], first.k
     if rate is None:
         rate = 0.05 * float(probs.max() - probs.min()) if probs.numel() else 0.0
-    bias = torch.zeros(E, dtype=torch.float32)
-    mean = probs.shape[0] * k / E
+    state = SelectionBias(E, rate=rate).train()
     best: BiasFit | None = None
     for step in range(steps + 1):
-        chosen = first.spec.select(probs, first.module, k=k, extra_bias=bias)
+        chosen = first.spec.select(probs, first.module, k=k, extra_bias=state.bias)
         load = torch.bincount(chosen.reshape(-1), minlength=E)
         mom, cv = _balance(load)
         if best is None or mom < best.max_over_mean - 1e-12:
-            best = BiasFit(bias.clone(), load, mom, cv, step)
+            best = BiasFit(state.bias.clone(), load, mom, cv, step)
         if mom <= target_max_over_mean + 1e-12 or step == steps:
             break
-        bias += rate * torch.sign(mean - load.float())
-        rate *= decay
+        state.observe_load(load)
+        state.update()
+        state.rate *= decay
     assert best is not None
     return best
 

@@ -58,6 +58,7 @@ __all__ = [
     "CURVE_FACTORS",
     "InspectSettings",
     "TextWindows",
+    "batched",
     "default_swaps",
     "inspect_model",
     "read_text",
@@ -75,7 +76,9 @@ class InspectSettings:
     ``swap_layers``: which layers each router swap replaces, one run per entry:
     ``"auto"`` every MoE layer alone and all together (first, middle and last alone
     beyond 8 layers), ``"all"`` all together only, or comma-separated layer indices.
-    ``device``: where the model runs (``"cpu"``, ``"cuda"``).
+    ``device``: where the model runs (``"cpu"``, ``"cuda"``). ``batch_size``: windows
+    per forward (equal-length consecutive windows stacked); the capacity and balanced
+    counterfactuals act per forward, i.e. on B * seq_len tokens, as a layer does per batch.
     """
 
     seq_len: int = 128
@@ -86,6 +89,7 @@ class InspectSettings:
     swap_layers: str = "auto"
     bias_steps: int = 300
     max_domains: int | None = 8
+    batch_size: int = 1
     shuffles: int = 5
     seed: int = 0
     device: str = "cpu"
@@ -210,19 +214,30 @@ def read_text(
     return out
 
 
-def default_swaps(k: int, num_experts: int, token_ids: torch.Tensor, vocab_size: int):
-    """``[(name, replacement)]``: capacity 1.0 (first drop order), exact balanced
-    assignment with the model's k, a different k, and a balanced hash table fitted on the
-    text's token counts."""
+def default_swaps(
+    k: int,
+    num_experts: int,
+    token_ids: torch.Tensor,
+    vocab_size: int,
+    *,
+    one_expert_per_token: bool = False,
+):
+    """``[(name, replacement)]``: capacity 1.0 under the first and the last drop order,
+    exact balanced assignment with the model's k, a different k (not where the router's
+    layout dispatches ``one_expert_per_token``, as Switch's), and a balanced hash table
+    fitted on the text's token counts."""
     from routelab.hf import Balanced, Hash, TopK
     from routelab.policies import CapacityPolicy
     from routelab.routers import HashRouter
 
+    orders = dict.fromkeys((CapacityPolicy.DROP_ORDERS[0], CapacityPolicy.DROP_ORDERS[-1]))
     swaps: list[tuple[str, Any]] = [
-        (f"capacity-1.0-{CapacityPolicy.DROP_ORDERS[0]}", CapacityPolicy(1.0)),
-        (f"balanced-k{k}", Balanced(k)),
-        (f"top{k + 1 if k == 1 else k - 1}", TopK(k + 1 if k == 1 else k - 1)),
+        (f"capacity-1.0-{order}", CapacityPolicy(1.0, drop_order=order)) for order in orders
     ]
+    swaps.append((f"balanced-k{k}", Balanced(k)))
+    if not one_expert_per_token:
+        other = k + 1 if k == 1 else k - 1
+        swaps.append((f"top{other}", TopK(other)))
     table = HashRouter.fit(
         "balanced",
         num_experts,
@@ -283,13 +298,21 @@ def inspect_model(
     )
     capture.on_routing = lambda record: recorder.record(record.layer, record.routing)
     labels_per_layer: list[list[torch.Tensor]] = [[] for _ in capture.names]
+    batches = batched(data, settings.batch_size)
     try:
         with torch.no_grad():
-            loss = _loss_with_labels(model, data, recorder, capture, labels_per_layer)
+            loss = _loss_with_labels(model, batches, recorder, capture, labels_per_layer)
     finally:
         capture.remove()
         recorder.remove()
     clock.lap("forward_with_capture")
+    silent = [name for name, calls in zip(capture.names, capture.layers) if not calls]
+    if silent:
+        raise ValueError(
+            f"the routers {silent} were not called during the forward: a fused MoE kernel "
+            "may bypass the router module (load the model without hub kernels, e.g. "
+            "use_kernels=False), or these layers are not used by this model's forward"
+        )
     layers, per_layer_cf = [], []
     for i, name in enumerate(capture.names):
         layer, cf = _layer_metrics(
@@ -304,7 +327,7 @@ def inspect_model(
         if a.num_tokens == b.num_tokens:
             coact[f"{capture.names[i]} -> {capture.names[i + 1]}"] = coactivation(a, b).tolist()
     clock.lap("counterfactuals")
-    swaps = _swaps(model, data, capture, loss, settings.swap_layers) if settings.swaps else []
+    swaps = _swaps(model, batches, capture, loss, settings.swap_layers) if settings.swaps else []
     clock.lap("swaps")
     metrics = {
         "model": {
@@ -415,17 +438,29 @@ def swap_targets(num_layers: int, swap_layers: str) -> list[int | str]:
 
 
 def _swaps(
-    model: nn.Module, data: TextWindows, capture: Any, loss: float, swap_layers: str
+    model: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    capture: Any,
+    loss: float,
+    swap_layers: str,
 ) -> list[dict]:
     """Every default swap at every target of ``swap_layers``: the change in loss."""
     from routelab.hf import next_token_loss, swap_router
 
-    stream = torch.cat(data.windows)
+    windows = [ids for ids, _ in batches]
+    stream = torch.cat([ids.reshape(-1) for ids in windows])
     vocab = int(getattr(model.config, "vocab_size", int(stream.max()) + 1))
     first = capture.layers[0][0]
     targets = swap_targets(len(capture.names), swap_layers)
     rows: list[dict[str, Any]] = []
-    for swap_name, replacement in default_swaps(first.k, first.chosen.num_experts, stream, vocab):
+    swaps = default_swaps(
+        first.k,
+        first.chosen.num_experts,
+        stream,
+        vocab,
+        one_expert_per_token=capture.spec.one_expert_per_token,
+    )
+    for swap_name, replacement in swaps:
         for target in targets:
             row: dict[str, Any] = {
                 "replacement": swap_name,
@@ -433,7 +468,7 @@ def _swaps(
             }
             try:
                 with swap_router(model, target, replacement) as used:
-                    swapped = next_token_loss(model, data.windows)
+                    swapped = next_token_loss(model, windows)
             except ValueError as error:
                 row.update(loss=None, delta=None, error=str(error))
             else:
@@ -444,26 +479,49 @@ def _swaps(
 
 def _loss_with_labels(
     model: nn.Module,
-    data: TextWindows,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     recorder: RoutingRecorder,
     capture: Any,
     labels_per_layer: list[list[torch.Tensor]],
 ) -> float:
-    """The baseline next-token loss, one forward per window with its labels set."""
+    """The baseline next-token loss, one forward per batch with its labels set (and kept
+    per layer call, for the shuffled-label baseline)."""
     from routelab.hf import next_token_loss
 
-    total, count = 0.0, 0
-    for ids, labels in zip(data.windows, data.labels):
+    def before(i: int) -> None:
+        labels = batches[i][1].reshape(-1)
         recorder.set_labels(labels)
-        before = [len(calls) for calls in capture.layers]
-        per_window = next_token_loss(model, [ids])
-        predicted = ids.numel() if model.config.is_encoder_decoder else ids.numel() - 1
-        total += per_window * predicted
-        count += predicted
-        for i, calls in enumerate(capture.layers):
-            labels_per_layer[i].extend(labels for _ in range(len(calls) - before[i]))
-    recorder.set_labels(None)
-    return total / count
+        for calls in labels_per_layer:
+            calls.append(labels)
+
+    try:
+        return next_token_loss(model, [ids for ids, _ in batches], before_window=before)
+    finally:
+        recorder.set_labels(None)
+
+
+def batched(data: TextWindows, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(ids [B, S], labels [B, S])]``: consecutive windows of equal length stacked,
+    up to ``batch_size`` per batch (a router call then routes B * S tokens)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    group: list[int] = []
+    for i, window in enumerate(data.windows):
+        if group and (len(group) == batch_size or data.windows[group[0]].numel() != window.numel()):
+            out.append(_stack(data, group))
+            group = []
+        group.append(i)
+    if group:
+        out.append(_stack(data, group))
+    return out
+
+
+def _stack(data: TextWindows, group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.stack([data.windows[i] for i in group]),
+        torch.stack([data.labels[i] for i in group]),
+    )
 
 
 def _model_curve(layers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -484,6 +542,21 @@ def _model_curve(layers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _fields(row: dict[str, Any]) -> dict[str, Any]:
     return {key: row[key] for key in CapacityDrop.__dataclass_fields__}
+
+
+def _agreement_warning(layers: Sequence[dict[str, Any]]) -> list[str]:
+    """A warning when the registry's re-selection misses the model's own choice: the
+    counterfactuals and swaps that re-select (TopK, Balanced, the bias fit) are then
+    not the model's semantics."""
+    off = [layer["name"] for layer in layers if layer["spec_agreement"] < 1.0]
+    if not off:
+        return []
+    return [
+        "",
+        f"**Warning**: the registry's selection rule reproduces the model's choice only "
+        f"partly in {', '.join(off)} (see 'registry agrees %'): the RouterSpec does not "
+        "describe this router exactly; re-selecting counterfactuals are approximate.",
+    ]
 
 
 def _pct(value: float | None) -> str:
@@ -541,10 +614,11 @@ def write_report(metrics: dict[str, Any], out: str | os.PathLike[str]) -> Path:
         f"transformers {model['transformers']}; router `{model['router_class']}`: "
         f"{model['semantics']}.",
         f"{metrics['tokens']} tokens in {metrics['windows']} windows; next-token loss "
-        f"{metrics['loss']:.4f} nats. Inspect time "
+        f"{metrics['loss']:.4f} nats. Inspect time before this report "
         f"{metrics['timing']['total_seconds_per_1000_tokens']:.2f} s per 1000 tokens "
         f"(forward with capture "
         f"{metrics['timing']['forward_with_capture_seconds_per_1000_tokens']:.3f} s).",
+        *_agreement_warning(layers),
         "",
         "## Balance per layer",
         "",
@@ -676,6 +750,7 @@ def run_cli(args: Any, usage_error: type[Exception]) -> int:
         swap_layers=args.swap_layers,
         device=args.device,
         max_domains=args.max_domains,
+        batch_size=args.batch_size,
     )
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)

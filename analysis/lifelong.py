@@ -78,6 +78,7 @@ from routelab.lifecycle import (
     merge_experts,
     moe_layers,
     prune_experts,
+    upcycle_ffn,
 )
 from routelab.routers import TopKGate
 
@@ -93,6 +94,7 @@ __all__ = [
     "prune_merge_study",
     "run_method",
     "summarise",
+    "upcycle_study",
 ]
 
 STREAMS = ("stdlib", "digits")
@@ -532,6 +534,63 @@ def _replace_layers(model: nn.Module, make: Callable[[int, MoE], MoE]) -> nn.Mod
     return new
 
 
+def _topk_layer(d: int, E: int, k: int) -> Callable[[int], MoE]:
+    """``make_layer`` of the studies: a top-k gate over E FFN experts of hidden width 2d."""
+    return lambda i: MoE(TopKGate(d, E, k=min(k, E)), FFNExperts(E, d, 2 * d))
+
+
+def _train(model: nn.Module, batches: Sequence[Batch], lr: float) -> nn.Module:
+    """Adam (a fresh optimiser) on the task loss plus the aux losses, one step per batch."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for batch in batches:
+        logits, aux = _forward(model, batch)
+        loss = F.cross_entropy(logits, batch.targets) + aux
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    return model
+
+
+def upcycle_study(dataset: str, settings: LifelongSettings) -> dict[str, Any]:
+    """Sparse upcycling (Komatsuzaki et al. 2023) on the compare data: a dense model
+    (one FFN of width 2d) trained for half the steps is upcycled into a top-k MoE of
+    ``2 * num_experts`` copies with a fresh router, and trained for the second half;
+    against the dense model continued for the second half and an MoE trained from
+    scratch for all the steps (every run restarts Adam)."""
+    E = 2 * settings.num_experts
+    d, k = settings.d_model, settings.k
+    data = load_dataset(
+        dataset, quick=settings.quick, seed=settings.seed, batch_size=settings.batch_size,
+        steps=settings.prune_steps,
+    )  # fmt: skip
+    batches = data.train_batches
+    half = len(batches) // 2
+    phase = Phase(dataset, _no_training, data.evaluation)
+    hib = data.higher_is_better
+    torch.manual_seed(settings.seed)
+    dense = _train(data.build_model(_topk_layer(d, 1, 1), d, 1), batches[:half], settings.lr)
+    upcycled = _replace_layers(dense, lambda j, m: upcycle_ffn(m.experts, TopKGate(d, E, k=k)))
+    rows = [
+        {"variant": f"dense after {half} steps", "experts": 1, "metric": evaluate(dense, phase, hib)},
+        {"variant": "upcycled, before training", "experts": E,
+         "metric": evaluate(upcycled, phase, hib)},
+    ]  # fmt: skip
+    _train(dense, batches[half:], settings.lr)
+    _train(upcycled, batches[half:], settings.lr)
+    torch.manual_seed(settings.seed)
+    scratch = _train(data.build_model(_topk_layer(d, E, k), d, E), batches, settings.lr)
+    steps = len(batches)
+    rows += [
+        {"variant": f"dense, {steps} steps", "experts": 1, "metric": evaluate(dense, phase, hib)},
+        {"variant": f"upcycled at {half}, {steps} steps", "experts": E,
+         "metric": evaluate(upcycled, phase, hib)},
+        {"variant": f"MoE from scratch, {steps} steps", "experts": E,
+         "metric": evaluate(scratch, phase, hib)},
+    ]  # fmt: skip
+    return {"dataset": dataset, "metric_name": data.metric, "rows": rows}
+
+
 def prune_merge_study(dataset: str, settings: LifelongSettings) -> dict[str, Any]:
     """Train a top-k MoE on the compare data set, then halve its experts four ways."""
     E = 2 * settings.num_experts
@@ -541,15 +600,8 @@ def prune_merge_study(dataset: str, settings: LifelongSettings) -> dict[str, Any
         steps=settings.prune_steps,
     )  # fmt: skip
     torch.manual_seed(settings.seed)
-    model = data.build_model(lambda i: MoE(TopKGate(d, E, k=k), FFNExperts(E, d, 2 * d)), d, E)
-    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    model.train()
-    for batch in data.train_batches:
-        logits, aux = _forward(model, batch)
-        loss = F.cross_entropy(logits, batch.targets) + aux
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+    model = data.build_model(_topk_layer(d, E, k), d, E)
+    _train(model, data.train_batches, settings.lr)
     loads, probs = _calibration(model, data.train_batches[:8])
     phase = Phase(dataset, _no_training, data.evaluation)
     hib = data.higher_is_better
@@ -676,6 +728,7 @@ def lifelong(
             bar.update(1)
     bar.close()
     studies = [prune_merge_study(d, settings) for d in ("tokens", "digits")] if prune else []
+    upcycling = [upcycle_study(d, settings) for d in ("tokens", "digits")] if prune else []
     plots = {name: str(_plot(loaded[name], rows, out / f"{name}_forgetting.png").name)
              for name, rows in results.items()}  # fmt: skip
     wall = time.perf_counter() - start
@@ -693,14 +746,19 @@ def lifelong(
             for name, rows in results.items()
         },
         "prune_merge": studies,
+        "upcycling": upcycling,
         "plots": plots,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out / "report.md").write_text(_report(loaded, results, studies, plots, settings, wall))
+    (out / "report.md").write_text(
+        _report(loaded, results, studies, upcycling, plots, settings, wall)
+    )
     return results
 
 
-def _report(loaded, results, studies, plots, settings: LifelongSettings, wall: float) -> str:
+def _report(
+    loaded, results, studies, upcycling, plots, settings: LifelongSettings, wall: float
+) -> str:
     s = settings
     lines = [
         "# routelab lifelong",
@@ -746,6 +804,18 @@ def _report(loaded, results, studies, plots, settings: LifelongSettings, wall: f
             "removed, no fine-tuning afterwards.",
         ]
         for study in studies:
+            lines += ["", f"### {study['dataset']}", "", _prune_table(study)]
+    if upcycling:
+        lines += [
+            "",
+            "## Sparse upcycling",
+            "",
+            f"A dense model (one FFN) trained for half of {s.prune_steps} steps, upcycled into "
+            f"{2 * s.num_experts} copies with a fresh top-{s.k} router (the same function at "
+            "that point) and trained on; against the dense model continued and an MoE trained "
+            "from scratch on the same batches.",
+        ]
+        for study in upcycling:
             lines += ["", f"### {study['dataset']}", "", _prune_table(study)]
     return "\n".join(lines) + "\n"
 

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from analysis.validation import as_float_array
 from routelab.routing import Routing, require_routing
 
 __all__ = [
@@ -65,14 +66,8 @@ __all__ = [
 
 
 def _as_vector(name: str, values: object) -> Tensor:
-    if not isinstance(values, Tensor):
-        values = torch.as_tensor(values)
-    if values.dim() != 1 or values.shape[0] < 1:
-        raise ValueError(f"{name} must be a 1-D vector [E] with E >= 1, got {tuple(values.shape)}")
-    values = values.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
-        raise ValueError(f"{name} must be finite and >= 0, got {values.tolist()}")
-    return values
+    """A load-like vector ``[E]``, E >= 1, of finite numbers >= 0, as float64 on the CPU."""
+    return as_float_array(name, values, 1, nonnegative=True, min_size=1)
 
 
 def coefficient_of_variation(values: Tensor) -> float:

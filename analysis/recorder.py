@@ -44,13 +44,21 @@ STAGES = ("executed", "router")
 class _Layer:
     """The accumulators of one MoE layer (executed routing, and the router's own)."""
 
-    def __init__(self, name: str, num_experts: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        num_experts: int,
+        *,
+        null_experts: Sequence[int] = (),
+        reference_k: int | None = None,
+    ) -> None:
         self.name = name
         self.num_experts = num_experts
-        self.total = LoadCounter(num_experts)
-        self.current = LoadCounter(num_experts)
-        self.router_total = LoadCounter(num_experts)
-        self.router_current = LoadCounter(num_experts)
+        counter = {"null_experts": tuple(null_experts), "reference_k": reference_k}
+        self.total = LoadCounter(num_experts, **counter)
+        self.current = LoadCounter(num_experts, **counter)
+        self.router_total = LoadCounter(num_experts, **counter)
+        self.router_current = LoadCounter(num_experts, **counter)
         self.table: Tensor | None = None
 
     def counters(self) -> tuple[LoadCounter, ...]:
@@ -72,6 +80,10 @@ class RoutingRecorder:
             ``routelab.hf.RoutingCapture(model, on_routing=...)``): no layer hooks are
             set; call :meth:`record` for each layer's routing during ``model``'s forward
             (the co-activation tables still close with that forward).
+        reference_k: the k of the top-k layer the variable-compute statistics compare
+            with (``LoadStats.flops_vs_topk``); the expert ids an MoE layer's executor
+            runs without FFN compute (``NullExperts.null_expert_ids``) are found by
+            themselves.
 
     Use::
 
@@ -94,6 +106,7 @@ class RoutingRecorder:
         num_labels: int | None = None,
         mode: str = "all",
         layers: Sequence[tuple[str, int]] | None = None,
+        reference_k: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -110,11 +123,20 @@ class RoutingRecorder:
         self.history: list[dict[str, LoadStats]] = []
         self.router_history: list[dict[str, LoadStats]] = []
         for name, num_experts in layers or ():  # layers recorded by hand (record())
-            self._layers.append(_Layer(name, _require_int("num_experts", num_experts, 1)))
+            num_experts = _require_int("num_experts", num_experts, 1)
+            self._layers.append(_Layer(name, num_experts, reference_k=reference_k))
         for name, module in model.named_modules() if layers is None else ():
             if isinstance(module, (MoE, SoftMoE)):
                 index = len(self._layers)
-                self._layers.append(_Layer(name or "moe", module.num_experts))
+                null = getattr(getattr(module, "experts", None), "null_expert_ids", ())
+                self._layers.append(
+                    _Layer(
+                        name or "moe",
+                        module.num_experts,
+                        null_experts=null,
+                        reference_k=reference_k,
+                    )
+                )
                 self._handles.append(module.register_forward_hook(self._hook_for(index)))
                 router = getattr(module, "router", None)
                 if isinstance(router, nn.Module):

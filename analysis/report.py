@@ -1,6 +1,6 @@
 """The compare report, rendered from ``metrics.json`` alone: the results table, the row
 configurations, a summary computed from the results, the column notes, and the README's
-excerpt of a committed report (``python -m analysis.report readme REPORT_DIR``).
+excerpt of a committed report (``python -m analysis.report REPORT_DIR`` re-renders both).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ __all__ = [
     "configuration_table",
     "detail_choice",
     "readme_block",
+    "refresh",
     "report_markdown",
     "results_table",
     "update_readme",
@@ -50,7 +51,7 @@ TABLE_HEADER = (
     "I(expert; label)",
     "chance I (± sd)",
     "changed %",
-    "ms/step",
+    "CPU ms/step",
 )
 
 
@@ -209,8 +210,9 @@ experts). I(expert; label): mutual information in nats between an entry's expert
 item's label on the held-out split, eval mode; chance I: the same with the labels
 shuffled over the items, mean ± sd over the shuffles ("≈ chance": I within 2 sd of it).
 changed %: held-out items of one batch whose set of experts changed between the middle
-and the end of training (routing stability; 0 = stable). ms/step: wall time of a
-training step in its worker. n/a: the metric does not apply (a dense router gives every
+and the end of training (routing stability; 0 = stable). ms/step: CPU time of a
+training step in its worker (one torch thread; other load on the machine changes it
+little, unlike the wall time, which metrics.json also holds). n/a: the metric does not apply (a dense router gives every
 item every expert, so its load is even by construction).
 """
 
@@ -300,7 +302,7 @@ def readme_block(metrics: Mapping[str, Any]) -> str:
     lines = [
         README_BEGIN,
         "<!-- regenerate: routelab compare --out docs/report --overwrite, then "
-        "python -m analysis.report readme docs/report -->",
+        "python -m analysis.report docs/report -->",
         "",
         f"From the committed report [docs/report/report.md](docs/report/report.md) (d = "
         f"{s['d_model']}, E = {s['num_experts']}, {s['steps']} steps of {s['batch_size']}, seed "
@@ -333,10 +335,19 @@ def update_readme(readme: str | Path, report: str | Path) -> bool:
     return new != text
 
 
-if __name__ == "__main__":  # python -m analysis.report readme REPORT_DIR [README]
+def refresh(report: str | Path, readme: str | Path = "README.md") -> None:
+    """Re-render ``report/report.md`` and the README block from ``report/metrics.json``
+    (both are functions of it alone: no training)."""
+    report = Path(report)
+    metrics = json.loads((report / "metrics.json").read_text())
+    (report / "report.md").write_text(report_markdown(metrics))
+    update_readme(readme, report)
+
+
+if __name__ == "__main__":  # python -m analysis.report REPORT_DIR [README.md]
     import sys
 
-    if len(sys.argv) not in (3, 4) or sys.argv[1] != "readme":
-        sys.exit("usage: python -m analysis.report readme REPORT_DIR [README.md]")
-    changed = update_readme(sys.argv[3] if len(sys.argv) == 4 else "README.md", sys.argv[2])
-    print("README updated" if changed else "README already in step")
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m analysis.report REPORT_DIR [README.md]")
+    refresh(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else "README.md")
+    print(f"rendered {sys.argv[1]}/report.md and the README's compare tables")

@@ -67,9 +67,17 @@ class BalancingState(nn.Module):
 
     Class attribute ``observe_in_eval``: whether eval-mode forwards are observed too
     (False: eval batches never move the state).
+
+    The controller's buffers keep their dtype when the model is cast
+    (``model.to(torch.bfloat16)``, ``.half()``, ``.double()``): only their device follows,
+    so counts and biases never lose precision in a half-precision model. Under
+    ``DistributedDataParallel`` pass ``broadcast_buffers=False``: the default broadcast
+    copies rank 0's buffers, pending sums included, to every rank at each forward, and the
+    update step would then sum W copies of rank 0's statistics.
     """
 
     observe_in_eval: bool = False
+    pending_observations: Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -149,6 +157,17 @@ class BalancingState(nn.Module):
         """Change the state from the summed statistics (float64 tensors)."""
         raise NotImplementedError
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # A cast of the model must not round the controller's state: keep every own
+        # buffer's dtype (and values), move it to the device the cast chose.
+        kept = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        result = super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != original.dtype:
+                self._buffers[name] = original.to(device=moved.device)
+        return result
+
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
     ) -> None:
@@ -195,6 +214,8 @@ class SelectionBias(BalancingState):
         rate: the update speed u >= 0 (DeepSeek-V3 uses 1e-3; 0 freezes the bias).
     """
 
+    bias: Tensor
+
     def __init__(self, num_experts: int, *, rate: float = 1e-3) -> None:
         super().__init__()
         self.num_experts = require_int("num_experts", num_experts, 1)
@@ -214,9 +235,9 @@ class SelectionBias(BalancingState):
         return scores.detach().to(dtype) + self.bias.to(device=scores.device, dtype=dtype)
 
     def select(self, scores: Tensor, k: int) -> Tensor:
-        """int64 ``[T, k]``: ``TopK(scores + b, k)`` (ties to the lower expert id, as
-        ``torch.topk`` on CPU and CUDA gives for equal values in practice). Observes the
-        selection (see :meth:`observe_selection`)."""
+        """int64 ``[T, k]``: ``TopK(scores + b, k)``, ties broken by ``torch.topk``
+        (deterministic on one device, not by expert id). Observes the selection (see
+        :meth:`observe_selection`)."""
         k = require_int("k", k, 1, self.num_experts)
         chosen = torch.topk(self.biased(scores), k, dim=-1).indices
         self.observe_selection(chosen)
@@ -277,12 +298,18 @@ class GlobalLoadCounts(BalancingState):
 
     Eval-mode forwards use the micro-batch's own local load (no collective, nothing
     observed). A backward recompute (activation checkpointing) is not observed again and
-    reuses the pending sums, which already hold its micro-batch.
+    reuses the pending sums, which already hold its micro-batch. Under
+    ``DistributedDataParallel`` pass ``broadcast_buffers=False``: its default copies rank
+    0's buffers, the pending sums included, to every rank at each forward.
 
     Args:
         num_experts: E.
         group: the data-parallel process group (None: this process only).
     """
+
+    step_load: Tensor
+    step_tokens: Tensor
+    step_loss: Tensor
 
     def __init__(self, num_experts: int, *, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()

@@ -46,8 +46,9 @@ State dicts: a grown / pruned / merged model has new parameter shapes. Save it w
 ``state_dict()``; load it into a model built the same way (build the old architecture
 and apply the same lifecycle call, then ``load_state_dict``), or ``torch.save`` the
 module. Optimisers: parameters are replaced, so build a new optimiser after any
-lifecycle call; :func:`transfer_optimizer_state` carries Adam-style per-parameter
-state over (old experts' moments to their new rows, zeros for new rows).
+lifecycle call; :func:`transfer_optimizer_state` with :func:`successor_pairs` carries
+Adam-style per-parameter state over (old experts' moments to their new rows, zeros for
+new rows).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ __all__ = [
     "reindex_experts",
     "reindex_moe",
     "router_surgery",
+    "successor_pairs",
     "transfer_optimizer_state",
     "upcycle_ffn",
 ]
@@ -1201,7 +1203,7 @@ def transfer_optimizer_state(
             continue
         new_state: dict[str, Any] = {}
         for key, value in state.items():
-            if isinstance(value, Tensor) and value.shape == old_p.shape:
+            if isinstance(value, Tensor) and value.dim() and value.shape == old_p.shape:
                 moved = value.movedim(axis, 0)
                 rows = [moved[s] if s is not None else torch.zeros_like(moved[0]) for s in sources]
                 new_state[key] = torch.stack(rows).movedim(0, axis).contiguous()
@@ -1210,3 +1212,35 @@ def transfer_optimizer_state(
         new_optimizer.state[new_p] = new_state
         carried += 1
     return carried
+
+
+def successor_pairs(
+    old: MoE, new: MoE, sources: Sequence[int | None]
+) -> list[tuple[nn.Parameter, nn.Parameter, int, Sequence[int | None]]]:
+    """The ``(old_param, new_param, expert_axis, sources)`` pairs of a lifecycle call, for
+    :func:`transfer_optimizer_state`: the expert stacks (axis 0; ``FFNExperts``), the
+    router tensors that index experts (:meth:`RouterSurgery.expert_axes`) and every other
+    parameter of the same name and shape (identity). ``sources``: the call's
+    :attr:`Reindexed.sources` (a merged expert takes its dominant member's state).
+    """
+    _check_moe(old)
+    _check_moe(new)
+    sources = list(sources)
+    if len(sources) != new.num_experts:
+        raise ValueError(f"sources must name {new.num_experts} experts, got {len(sources)}")
+    axes: dict[str, int] = {}
+    if isinstance(old.experts, FFNExperts) and isinstance(new.experts, FFNExperts):
+        axes.update({f"experts.{n}": 0 for n in expert_param_names(old.experts)})
+    for name, axis in router_surgery(old.router).expert_axes(old.router).items():
+        axes[f"router.{name}"] = axis
+    old_params = dict(old.named_parameters())
+    pairs = []
+    for name, new_p in new.named_parameters():
+        old_p = old_params.get(name)
+        if old_p is None:
+            continue
+        if name in axes and old_p.dim() == new_p.dim():
+            pairs.append((old_p, new_p, axes[name], sources))
+        elif old_p.shape == new_p.shape:
+            pairs.append((old_p, new_p, 0, range(old_p.shape[0]) if old_p.dim() else [0]))
+    return pairs

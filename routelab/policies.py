@@ -24,6 +24,7 @@ from routelab._validate import (
 )
 from routelab.balancing import BalancingState, SelectionBias
 from routelab.router import check_k
+from routelab.routers.topk import TopKSelection
 from routelab.routing import Routing, capacity_from_factor, require_routing
 
 __all__ = [
@@ -317,6 +318,8 @@ class PausingPolicy(Policy, BalancingState):
         active_in_eval: also pause (with frozen totals) in eval mode.
     """
 
+    totals: Tensor
+
     def __init__(
         self,
         num_experts: int,
@@ -481,6 +484,8 @@ class LossFreeBalancingPolicy(Policy, SelectionBias):
         against ``k`` where given."""
         per_token = routing.entries_per_token()
         k = int(per_token.max()) if routing.num_tokens else (self.k or 1)
+        if k == 0:
+            raise ValueError("LossFreeBalancingPolicy got a routing without entries to reselect")
         if routing.num_tokens and int(per_token.min()) != k:
             raise ValueError(
                 "LossFreeBalancingPolicy needs a token-choice routing with the same number "
@@ -525,19 +530,11 @@ class LossFreeBalancingPolicy(Policy, SelectionBias):
                 "weights are neither its probs nor normalised per token (e.g. BASE's sigmoid "
                 "weights); put a SelectionBias inside such a router instead"
             )
-        chosen = self.select(scores, k)  # [T, k], observed for the update step
-        picked = scores.gather(-1, chosen)  # unbiased scores of the chosen experts
-        if keeps_probability:
-            weights = picked
-        else:
-            total = picked.sum(dim=-1, keepdim=True)
-            positive = total > 0
-            weights = torch.where(
-                positive,
-                picked / torch.where(positive, total, torch.ones_like(total)),
-                torch.full_like(picked, 1.0 / k),
-            )
-        return Routing.from_topk(chosen, weights, self.num_experts, probs=scores, aux=routing.aux)
+        # the one token-choice selection: TopK(s + b), weights from the unbiased s (rows
+        # normalised, uniform 1/k where every chosen score underflows to 0); observed
+        selection = TopKSelection(k, normalize=not keeps_probability)
+        chosen = selection.select_scores(scores, selection_bias=self)
+        return chosen.routing(self.num_experts, dict(routing.aux))
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, k={self.k}, rate={self.rate}"

@@ -120,7 +120,7 @@ class RouterReplay:
         return layers
 
     @contextlib.contextmanager
-    def _attached(self, layers: list[tuple[str, nn.Module]], mode: str) -> Iterator[None]:
+    def _attached(self, layers: list[tuple[str, Any]], mode: str) -> Iterator[None]:
         busy = [name for name, layer in layers if getattr(layer, "_router_replay", None)]
         if busy:
             raise RuntimeError(f"the layers {busy} are already recording or replaying")

@@ -84,9 +84,9 @@ class Router(nn.Module):
     direct call without it) means the batch is one sequence.
     """
 
-    differentiable: ClassVar[bool] = True
-    requires_token_ids: ClassVar[bool] = False
-    stochastic_in_training: ClassVar[bool] = False
+    differentiable: bool = True
+    requires_token_ids: bool = False
+    stochastic_in_training: bool = False
     uses_sequence_layout: ClassVar[bool] = False
 
     def __init__(self, d_model: int, num_experts: int) -> None:

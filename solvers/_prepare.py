@@ -32,6 +32,7 @@ __all__ = ["Working", "prepare"]
 _SCALE_LIMIT = 960  # keep |scores| <= 2**960: sums of 2**60 of them still fit in a float64
 _WINDOW_FACTOR = 64.0
 _SAMPLE_ROWS = 256
+_FEW_GAPS = 16
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,11 @@ class Working:
         integral: whether the sampled rows of W are integers (heuristics only: early
             certification for the many ties of integer scores).
         spread: ``max(C) - min(C)``.
-        magnitude: ``sum_t max_e |W_te|`` over the row's scores clamped to
-            ``[max_e W_te - window, max_e W_te]`` (the scale of the auction's tolerance).
+        magnitude: ``sum_t min(max_e |W_te|, r_t)`` with ``r_t`` the row's score range
+            ``max_e W_te - min_e W_te`` clamped to the window (both over the finite scores
+            of the window): the scale of the auction's tolerance. At most
+            ``sum_t max_e |W_te|``, and blind to row offsets (``1e300 + O(1)`` rows do not
+            loosen the tolerance of the others).
     """
 
     scaled: Any
@@ -79,11 +83,14 @@ def _window(sample: np.ndarray, row_min: np.ndarray, integral: bool) -> float:
     gaps = -sample.ravel()
     gaps = gaps[(gaps > 0) & np.isfinite(gaps)]
     if gaps.size:
-        k = (gaps.size - 1) // 4  # the lower quartile (numpy's method="lower"), by selection
+        # the lower quartile (numpy's method="lower"), by selection; with few gaps (tiny
+        # problems, where repairs are cheap) the smallest, which no outlier can be
+        k = (gaps.size - 1) // 4 if gaps.size >= _FEW_GAPS else 0
         window = _WINDOW_FACTOR * float(np.partition(gaps, k)[k])
     else:  # the sampled rows are constant: take the largest finite gap anywhere
         finite = row_min[np.isfinite(row_min)]
         window = float(-finite.min()) if finite.size and finite.min() < 0 else 1.0
+    window = min(window, 2.0**_SCALE_LIMIT)  # finite, whatever the sample holds
     if integral:
         window = float(math.ceil(window))
     return window
@@ -123,8 +130,9 @@ def prepare(ops: Any, S: Any, forbidden: bool) -> Working:
     clipped_any = forbidden or lowest < -window
     clipped = ops.clip_min(shifted, -window) if clipped_any else shifted
     spread = window if forbidden else min(window, -lowest)  # forbidden pairs sit at -window
-    low_end = best_host + np.maximum(row_min, -window)
-    magnitude = float(np.maximum(np.abs(best_host), np.abs(low_end)).sum())
+    reach = np.minimum(-row_min, window)  # each row's score range, clamped to the window
+    low_end = best_host - reach
+    magnitude = float(np.minimum(np.maximum(np.abs(best_host), np.abs(low_end)), reach).sum())
     return Working(
         scaled=W,
         shifted=shifted,

@@ -57,10 +57,16 @@ def linear_program(S: np.ndarray, cap: np.ndarray, *, solver: str | None = None)
     problem = cp.Problem(
         cp.Maximize(cp.sum(cp.multiply(np.where(forbidden, 0.0, S), X))), constraints
     )
-    if solver is None:
-        problem.solve(solver=cp.SCIPY, scipy_options={"method": "highs-ds"})
-    else:
-        problem.solve(solver=solver)
+    try:
+        if solver is None:
+            problem.solve(solver=cp.SCIPY, scipy_options={"method": "highs-ds"})
+        else:
+            problem.solve(solver=solver)
+    except cp.SolverError as err:
+        raise RuntimeError(
+            f"method='lp': the LP solver failed ({err}); its numerics take scores up to about "
+            "1e15 (HiGHS treats costs above 1e20 as infinite): use method='exact'"
+        ) from None
     if problem.status not in ("optimal", "optimal_inaccurate"):
         raise RuntimeError(f"method='lp': cvxpy returned status {problem.status!r}")
     return np.asarray(np.argmax(X.value, axis=1), dtype=np.int64)

@@ -154,6 +154,12 @@ def like_source(array: np.ndarray, source: Any) -> Any:
     return torch.from_numpy(array).to(source.device)
 
 
+def _total(x: Any) -> float:
+    """The sum of every entry (inf on overflow, without a warning)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(x.sum())
+
+
 _SCORES_FINITE = (
     "scores must be finite or -inf (-inf marks a forbidden token-expert pair); found {what}"
 )
@@ -183,7 +189,10 @@ def check_scores(scores: Any) -> Any:
         return out
     if not isinstance(scores, np.ndarray):
         if isinstance(scores, (list, tuple)):
-            scores = np.asarray(scores)
+            try:
+                scores = np.asarray(scores)
+            except ValueError as err:  # ragged rows
+                raise TypeError(f"scores must be a rectangular [T, E] array: {err}") from None
         else:
             raise TypeError(
                 f"scores must be a numpy array or a torch tensor [T, E], got {type(scores).__name__}"
@@ -200,7 +209,7 @@ def check_scores(scores: Any) -> Any:
         raise ValueError(f"scores must have at least one expert column, got shape {scores.shape}")
     out = np.ascontiguousarray(scores, dtype=np.float64)
     # One pass without a temporary: a finite total means no NaN and no inf anywhere.
-    if out.size and not np.isfinite(out.sum()):
+    if out.size and not np.isfinite(_total(out)):
         if np.isnan(out).any():
             raise ValueError(_SCORES_FINITE.format(what="NaN"))
         if np.isposinf(out).any():
@@ -211,7 +220,7 @@ def check_scores(scores: Any) -> Any:
 def has_forbidden(ops: Any, S: Any) -> bool:
     """Whether checked scores hold a ``-inf`` (a forbidden pair). One pass without a
     temporary in the common case: a finite total rules it out."""
-    if np.isfinite(float(ops.sum(S))):
+    if np.isfinite(_total(S)):
         return False
     return ops.any(ops.isneginf(S))
 

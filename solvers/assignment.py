@@ -56,7 +56,8 @@ class AssignmentResult:
     Fields:
         assignment: int64 ``[T]``, the expert of each token (numpy array, or a torch tensor
             on the scores' device).
-        objective: ``sum_t S[t, assignment[t]]`` (float, computed in float64).
+        objective: ``sum_t S[t, assignment[t]]`` (float, computed in float64; inf when the
+            total is beyond float64's range, as with several scores of 1.7e308).
         prices: float64 ``[E]``, the expert prices (dual variables) behind ``gap_bound``.
         gap_bound: ``D(prices) - objective >= OPT - objective >= 0``, a certified bound on
             the optimality gap (0 up to rounding for the exact methods).
@@ -172,9 +173,10 @@ def balanced_assignment(
             (cvxpy), ``"mincostflow"`` (networkx).
         options: per method.
             auction: ``tol`` (stop once ``gap_bound <= tol * M``, 1e-6, where
-            ``M = sum_t max_e |S_te|`` over each row's scores clamped to the outlier window
-            of :mod:`solvers._prepare`: ordinary scores are never clamped; a -1e300 outlier
-            does not make the tolerance meaningless), ``eps_start`` (first epsilon,
+            ``M = sum_t min(max_e |S_te|, range_t)``, ``range_t`` the row's score range
+            clamped to the outlier window of :mod:`solvers._prepare`: at most
+            ``sum_t max_e |S_te|``, and neither a -1e300 outlier nor a row offset of 1e300
+            makes the tolerance meaningless for the other tokens), ``eps_start`` (first epsilon,
             relative to the score spread, 1/32), ``factor`` (epsilon divisor per phase, 8),
             ``switch`` (free tokens at which a phase's tail is handed to augmenting paths;
             default ``T // 128`` clamped to [8, 32]: below a thousand tokens a bidding
@@ -238,9 +240,10 @@ def _without_closed_experts(ops, S, cap, cap_x, method, options) -> AssignmentRe
     prices[open_experts] = ops.to_numpy(sub.prices)
     best_open = (S_host[:, open_experts] - prices[open_experts]).max(axis=1)
     closed = np.flatnonzero(cap == 0)
-    with np.errstate(invalid="ignore"):  # -inf - -inf cannot occur: best_open is finite
+    with np.errstate(over="ignore"):  # 1.7e308 - -1.7e308: the price is capped below
         lift = (S_host[:, closed] - best_open[:, None]).max(axis=0)
-    prices[closed] = np.maximum(lift, 0.0)
+    # (p_e = +inf would be exact, c_e p_e being 0; a finite cap keeps the certificate finite)
+    prices[closed] = np.clip(lift, 0.0, np.finfo(np.float64).max)
     return _result(
         ops, S, cap_x, ops.from_numpy(owner, S), ops.from_numpy(prices, S), sub.iterations, method
     )

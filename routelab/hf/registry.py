@@ -14,10 +14,12 @@ needed to recompute, re-select or replace its choice on the model's own scores:
         DeepSeek-V2); only the ``topk_group`` best groups stay eligible, the others'
         c set to ``group_mask``
     chosen = TopK(c, k)                                 indices [T, k]
-    w = s[chosen] / (sum s[chosen] + eps)  if normalised, else s[chosen]
+    w = s[chosen] / sum s[chosen]  if normalised, else s[chosen]
     w = w * scale                                       weights [T, k] (routed_scaling_factor)
 
-Which value an option takes can depend on the checkpoint (``norm_topk_prob``,
+The selection and weights are computed by routelab's one token-choice selection,
+``routelab.routers.topk.TopKSelection`` (DeepSeek-V2's best-expert group ranking is
+applied before it). Which value an option takes can depend on the checkpoint (``norm_topk_prob``,
 ``routed_scaling_factor``, ``topk_method``): such options name the router module's
 attribute that holds it, read at run time.
 
@@ -42,6 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from routelab.routers.topk import TopKSelection
+
 __all__ = [
     "ARCHITECTURES",
     "OUTPUT_LAYOUTS",
@@ -60,7 +64,7 @@ def require_transformers() -> Any:
     """The ``transformers`` module, or an ImportError saying how to install it."""
     try:
         return importlib.import_module("transformers")
-    except ImportError as error:  # pragma: no cover - exercised only without transformers
+    except ImportError as error:
         raise ImportError(
             "routelab.hf needs Hugging Face transformers (>= 5): "
             'pip install "routelab[hf]" (or pip install "transformers>=5" tokenizers safetensors)'
@@ -82,7 +86,6 @@ class RouterSpec:
         score: ``"softmax"`` or ``"sigmoid"`` over all E logits.
         normalise: whether the chosen scores are renormalised to sum to 1: a bool, or
             the router attribute holding it (``"norm_topk_prob"``).
-        norm_eps: added to the denominator when normalising (DeepSeek-V3: 1e-20).
         scale: the factor on the weights: a number or the router attribute holding it.
         selection_bias: router attribute of a bias ``[E]`` added to the scores for
             selection only (the weights use the unbiased scores), or None.
@@ -101,7 +104,6 @@ class RouterSpec:
     output: str = "logits_weights_indices"
     score: str = "softmax"
     normalise: bool | str = True
-    norm_eps: float = 0.0
     scale: float | str = 1.0
     selection_bias: str | None = None
     group_limit: str | None = None
@@ -126,6 +128,12 @@ class RouterSpec:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.group_limit not in GROUP_LIMITS:
             raise ValueError(f"group_limit must be one of {GROUP_LIMITS}, got {self.group_limit!r}")
+
+    @property
+    def one_expert_per_token(self) -> bool:
+        """Whether the router's output layout dispatches at most one expert per token
+        (Switch's one-hot dispatch): replacements must then use k = 1."""
+        return self.output == "dispatch_probs_logits"
 
     # ------------------------------------------------------------------ per module
     def _attr(self, module: nn.Module, value: object, field: str) -> Any:
@@ -170,39 +178,24 @@ class RouterSpec:
 
     # ------------------------------------------------------------------ semantics
     def scores(self, logits: Tensor) -> Tensor:
-        """``s = score(logits)`` in fp32: ``[T, E]``."""
+        """``s = score(logits)`` in fp32: ``[T, E]`` (sigmoid scores are not normalised
+        over the experts: they are what the router selects on and weights with)."""
         logits = logits.float()
         return torch.sigmoid(logits) if self.score == "sigmoid" else torch.softmax(logits, -1)
 
-    def selection_scores(
-        self, scores: Tensor, module: nn.Module, extra_bias: Tensor | None = None
-    ) -> Tensor:
-        """``c [T, E]``: the scores the router selects on (bias added, group limits applied).
-
-        ``extra_bias [E]`` is added on top (a counterfactual loss-free bias).
-        """
-        choice = scores.float()
-        bias = self.bias_of(module)
-        if bias is not None:
-            choice = choice + bias.to(choice.device)
-        if extra_bias is not None:
-            choice = choice + extra_bias.to(choice.device, choice.dtype)
-        groups = self.groups_of(module)
-        if groups is None:
-            return choice
-        num_groups, kept = groups
-        T, E = choice.shape
-        if E % num_groups:
-            raise ValueError(f"{E} experts do not split into {num_groups} equal groups")
-        grouped = choice.view(T, num_groups, E // num_groups)
-        if self.group_limit == "top2_sum":
-            group_score = grouped.topk(min(2, E // num_groups), dim=-1).values.sum(-1)
-        else:
-            group_score = grouped.max(dim=-1).values
-        best = group_score.topk(kept, dim=-1).indices
-        allowed = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
-        allowed = allowed.unsqueeze(-1).expand(T, num_groups, E // num_groups).reshape(T, E)
-        return choice.masked_fill(~allowed, self.group_mask)
+    def selection(self, module: nn.Module, k: int, *, groups: bool = True) -> TopKSelection:
+        """The router's selection as routelab's one token-choice selection
+        (``routelab.routers.topk.TopKSelection``); ``"max"`` group limits are applied by
+        :meth:`select` itself (TopKSelection ranks groups by their top-2 sum)."""
+        limit = self.groups_of(module) if groups and self.group_limit == "top2_sum" else None
+        return TopKSelection(
+            k=k,
+            score=self.score,
+            normalize=self.normalises(module),
+            scaling_factor=self.scale_of(module),
+            num_groups=None if limit is None else limit[0],
+            top_groups=None if limit is None else limit[1],
+        )
 
     def select(
         self,
@@ -212,16 +205,41 @@ class RouterSpec:
         extra_bias: Tensor | None = None,
     ) -> Tensor:
         """int64 ``[T, k]``: the experts the router chooses on ``scores [T, E]`` (k default:
-        the router's own)."""
+        the router's own); ``extra_bias [E]`` is added to its selection bias (a
+        counterfactual loss-free bias)."""
         k = self.k(module) if k is None else k
-        return self.selection_scores(scores, module, extra_bias).topk(k, dim=-1).indices
+        scores = scores.float()
+        bias = self.bias_of(module)
+        if extra_bias is not None:
+            extra = extra_bias.to(scores.device, torch.float32)
+            bias = extra if bias is None else bias.to(scores.device) + extra
+        if bias is not None:
+            bias = bias.to(scores.device)
+        groups = self.groups_of(module)
+        if self.group_limit == "max" and groups is not None:
+            scores = self._mask_groups_by_best(scores, bias, *groups)
+        chosen = self.selection(module, k).select_scores(scores, selection_bias=bias)
+        return chosen.indices
+
+    def _mask_groups_by_best(
+        self, scores: Tensor, bias: Tensor | None, num_groups: int, kept: int
+    ) -> Tensor:
+        """``scores [T, E]`` with the experts outside each token's ``kept`` groups of best
+        ``max(s + b)`` set to ``group_mask`` (DeepSeek-V2's group_limited_greedy)."""
+        T, E = scores.shape
+        if E % num_groups:
+            raise ValueError(f"{E} experts do not split into {num_groups} equal groups")
+        choice = scores if bias is None else scores + bias
+        best = choice.view(T, num_groups, E // num_groups).max(dim=-1).values
+        top = best.topk(kept, dim=-1).indices
+        allowed = torch.zeros_like(best, dtype=torch.bool).scatter_(1, top, True)
+        allowed = allowed.unsqueeze(-1).expand(T, num_groups, E // num_groups).reshape(T, E)
+        return scores.masked_fill(~allowed, self.group_mask)
 
     def combine(self, scores: Tensor, indices: Tensor, module: nn.Module) -> Tensor:
         """float ``[T, k]``: the router's combine weights of ``indices [T, k]``."""
-        picked = scores.float().gather(1, indices)
-        if self.normalises(module):
-            picked = picked / (picked.sum(-1, keepdim=True) + self.norm_eps)
-        return picked * self.scale_of(module)
+        selection = self.selection(module, indices.shape[1], groups=False)
+        return selection.select_scores(scores.float(), indices=indices).weights
 
     # ------------------------------------------------------------------ output layout
     def unpack(
@@ -352,7 +370,6 @@ for _spec in (
             router_class,
             score="sigmoid",
             normalise="norm_topk_prob",
-            norm_eps=1e-20,
             scale="routed_scaling_factor",
             selection_bias="e_score_correction_bias",
             group_limit="top2_sum",

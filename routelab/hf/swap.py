@@ -346,23 +346,31 @@ def model_inputs(model: nn.Module, ids: Tensor) -> dict[str, Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def next_token_loss(model: nn.Module, windows: Sequence[Tensor]) -> float:
+def next_token_loss(
+    model: nn.Module,
+    windows: Sequence[Tensor],
+    *,
+    before_window: Callable[[int], None] | None = None,
+) -> float:
     """Mean next-token cross-entropy (nats per predicted token) of ``model`` over
     ``windows`` (int64 ``[S]`` or ``[B, S]`` each, moved to the model's device), in eval
-    mode without gradients."""
+    mode without gradients. ``before_window(i)`` is called before window i's forward
+    (e.g. to set that window's labels on a recorder)."""
     total, count = 0.0, 0
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
     try:
         with torch.no_grad():
-            for ids in windows:
+            for i, ids in enumerate(windows):
                 ids = (ids.unsqueeze(0) if ids.dim() == 1 else ids).to(device)
                 inputs = model_inputs(model, ids)
                 B, S = ids.shape
                 predicted = B * S if "decoder_input_ids" in inputs else B * (S - 1)
                 if predicted == 0:
                     continue
+                if before_window is not None:
+                    before_window(i)
                 loss = model(**inputs).loss
                 total += float(loss) * predicted
                 count += predicted

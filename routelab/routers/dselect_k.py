@@ -37,8 +37,8 @@ def _code_products(steps: Tensor) -> Tensor:
 
     Built one bit at a time: after bits ``0..j`` the codes with bit j set are the upper
     half, so each step is ``r <- [r * (1 - S_j), r * S_j]``. O(2^m) work and memory per
-    selector, and the product of every code is taken in the same order ``j = 0..m-1``
-    as the per-code formula.
+    selector (no ``[..., 2^m, m]`` factor tensor), and the product of every code is
+    taken in the same order ``j = 0..m-1`` as the per-code formula.
     """
     products = torch.ones_like(steps[..., :1])
     for j in range(steps.shape[-1]):
@@ -69,6 +69,23 @@ def selector_weights(steps: Tensor, num_experts: int) -> Tensor:
     missing = torch.arange(num_experts, 2**m, device=steps.device) - 2 ** (m - 1)
     folded = valid.index_add(-1, missing, full[..., num_experts:])  # l -> l - 2^(m-1)
     return torch.where(has_mass, renormalised, folded)
+
+
+class _SelectorEntropy(torch.autograd.Function):
+    """``-sum r log(r + eps)`` over every element of ``r``, a scalar; backward
+    ``-(log(r + eps) + r / (r + eps))``. The same value as the elementwise expression,
+    with one pass fewer each way and no ``[., k, E]`` temporaries kept for autograd."""
+
+    @staticmethod
+    def forward(ctx, r: Tensor) -> Tensor:  # type: ignore[override]
+        log_r = torch.log(r + _ENTROPY_EPS)
+        ctx.save_for_backward(r, log_r)
+        return -torch.dot(r.reshape(-1), log_r.reshape(-1))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        r, log_r = ctx.saved_tensors
+        return (log_r + r / (r + _ENTROPY_EPS)).mul_(-grad)
 
 
 class DSelectKGate(Router):
@@ -201,9 +218,11 @@ class DSelectKGate(Router):
         """``(G, r)``: the expert weights ``[T, E]`` and the selectors ``[T, k, E]``
         (``[1, k, E]`` in the static variant)."""
         if self.per_example:
-            z = router_logits(x, self.z_proj.weight.t(), self.z_proj.bias)
-            z = z.view(-1, self.k, self.num_bits)  # [T, k, m]
-            alpha = router_logits(x, self.alpha_proj.weight.t(), self.alpha_proj.bias)  # [T, k]
+            # one matmul for both projections: [T, k*m + k]
+            weight = torch.cat([self.z_proj.weight, self.alpha_proj.weight]).t()
+            bias = torch.cat([self.z_proj.bias, self.alpha_proj.bias])
+            z, alpha = router_logits(x, weight, bias).split([self.k * self.num_bits, self.k], 1)
+            z = z.reshape(-1, self.k, self.num_bits)  # [T, k, m]; alpha [T, k]
         else:
             z = upcast_half(self.z)[None]  # [1, k, m]
             alpha = upcast_half(self.alpha)[None]  # [1, k]
@@ -219,8 +238,8 @@ class DSelectKGate(Router):
             gates = gates.to(upcast_half(x).dtype).expand(num_tokens, self.num_experts)
         aux: dict[str, Tensor] = {}
         if self.entropy_weight > 0:
-            entropy = -(r * torch.log(r + _ENTROPY_EPS)).sum(dim=-1).sum(dim=-1)  # [.]
-            mean = entropy.mean() if entropy.numel() else entropy.sum()
+            # mean over tokens of sum_i entropy(r_i): one dot product over [., k, E]
+            mean = _SelectorEntropy.apply(r) / max(r.shape[0], 1)
             aux["entropy"] = self.entropy_weight * mean
         return Routing.from_dense(gates, probs=gates, aux=aux)
 

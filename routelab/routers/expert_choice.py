@@ -23,6 +23,9 @@ class ExpertChoiceRouter(Router):
         I_e = TopK(S[:, e], c)                     expert e takes its c best tokens
         weight(t, e) = S[t, e]  for t in I_e
 
+    The capacity is rounded up and computed exactly on the decimal written
+    (``capacity_factor=1.1`` is 11/10, so T = 100, E = 10 gives c = 11; the float
+    product would give 12); the paper writes ``c = T * cf / E`` for sizes that divide.
     Every expert gets exactly c entries (N = E*c; ties are broken by ``torch.topk``);
     a token may get zero, one or several experts and its weights need not sum to 1. The
     Routing records ``capacity = c``. Perfect load balance by construction, so no

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from routelab._validate import require_bool, require_choice, require_float, require_int
@@ -27,7 +28,9 @@ from routelab.router import Router, check_k, check_router_input, router_logits
 from routelab.routing import Routing
 
 __all__ = [
+    "GROUP_SCORES",
     "SCORE_FUNCTIONS",
+    "TOPK_PRESETS",
     "Selection",
     "TokenChoiceRouter",
     "TopKGate",
@@ -38,6 +41,7 @@ __all__ = [
 ]
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+GROUP_SCORES = ("top2", "max")
 
 
 class Selection(NamedTuple):
@@ -67,7 +71,8 @@ class TopKSelection:
         s = softmax(logits)  or  sigmoid(logits)                      scores    [T, E]
         v = logits if softmax_after_topk else s                       selection values
         (group-limited)  E experts in G contiguous groups of E/G; a group's score is the
-                         sum of its top-2 values of v + b; only the top-M groups stay
+                         sum of its top-2 values of v + b (or its max); only the top-M
+                         groups stay
         chosen = TopK(v + b, k)                b [E] the selection bias (or 0)
         w = softmax(logits[chosen])                      if softmax_after_topk
         w = s[chosen] / sum s[chosen]  (normalize)       else; or w = s[chosen]
@@ -76,8 +81,9 @@ class TopKSelection:
     The selection bias (auxiliary-loss-free balancing, Wang et al. 2024; DeepSeek-V3
     ``TopK(s + b)``) changes which experts are chosen, never the weights, which always
     come from the unbiased ``s`` (or logits). Group-limited routing is DeepSeek-V2's
-    device-limited and DeepSeek-V3's node-limited routing (V3 ranks groups by the sum of
-    their two highest ``s + b``; a group of one expert uses that one).
+    device-limited and DeepSeek-V3's node-limited routing: V3 ranks groups by the sum of
+    their two highest ``s + b`` (``group_score="top2"``; a group of one expert uses that
+    one), V2 by their highest score (``group_score="max"``).
 
     ``softmax_after_topk`` (Mixtral, GShard; ``TopKGate``) gives the same weights as the
     normalised softmax-before form when nothing else differs; it changes the result with
@@ -85,7 +91,8 @@ class TopKSelection:
     is always normalised (``normalize=False`` with it is an error). With sigmoid scores
     and ``k = 1``, ``normalize=True`` makes the weight 1; ``normalize=False`` keeps
     ``s``. A normalised weight row whose chosen scores all underflow to 0 is uniform
-    ``1 / k``. Ties go to the lower expert id (``torch.topk``).
+    ``1 / k``. Ties are broken by ``torch.topk`` (deterministic on one device, not by
+    expert id).
 
     Fields:
         k: experts per token.
@@ -95,6 +102,7 @@ class TopKSelection:
         softmax_after_topk: softmax over the k chosen logits (score must be softmax).
         num_groups: G, or None for no group limit (E must be divisible by G).
         top_groups: M, the groups kept, ``1 <= M <= G`` (required with ``num_groups``).
+        group_score: how groups are ranked, ``"top2"`` (V3) or ``"max"`` (V2).
     """
 
     k: int = 2
@@ -104,12 +112,14 @@ class TopKSelection:
     softmax_after_topk: bool = False
     num_groups: int | None = None
     top_groups: int | None = None
+    group_score: str = "top2"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "k", require_int("k", self.k, 1))
         set_(self, "score", require_choice("score", self.score, SCORE_FUNCTIONS))
         set_(self, "normalize", require_bool("normalize", self.normalize))
+        set_(self, "group_score", require_choice("group_score", self.group_score, GROUP_SCORES))
         set_(
             self,
             "scaling_factor",
@@ -240,7 +250,7 @@ class TopKSelection:
         assert self.num_groups is not None and self.top_groups is not None
         num_tokens, num_experts = values.shape
         grouped = values.view(num_tokens, self.num_groups, num_experts // self.num_groups)
-        per_group = min(2, grouped.shape[-1])
+        per_group = min(2 if self.group_score == "top2" else 1, grouped.shape[-1])
         group_score = grouped.topk(per_group, dim=-1).values.sum(dim=-1)  # [T, G]
         kept = group_score.topk(self.top_groups, dim=-1).indices  # [T, M]
         keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, True)
@@ -411,6 +421,8 @@ class TokenChoiceRouter(Router):
             text += f", scaling_factor={s.scaling_factor}"
         if s.num_groups is not None:
             text += f", num_groups={s.num_groups}, top_groups={s.top_groups}"
+            if s.group_score != "top2":
+                text += f", group_score={s.group_score!r}"
         if self.z_weight:
             text += f", z_weight={self.z_weight}"
         return text
@@ -496,6 +508,7 @@ class TopKRouter(TokenChoiceRouter):
         softmax_after_topk: softmax over the chosen logits (Mixtral) instead of over all.
         num_groups: G expert groups for group-limited routing (or None).
         top_groups: M groups kept per token.
+        group_score: rank groups by their ``"top2"`` sum (DeepSeek-V3) or ``"max"`` (V2).
         selection_bias: add the loss-free balancing bias inside the top-k.
         selection_bias_rate: its update speed (DeepSeek-V3: 1e-3).
         balance_weight: coefficient of the micro-batch balance loss.
@@ -521,12 +534,13 @@ class TopKRouter(TokenChoiceRouter):
         softmax_after_topk: bool = False,
         num_groups: int | None = None,
         top_groups: int | None = None,
+        group_score: str = "top2",
         selection_bias: bool = False,
         selection_bias_rate: float = 1e-3,
         balance_weight: float = 0.0,
         sequence_balance_weight: float = 0.0,
         global_balance_weight: float = 0.0,
-        global_balance_group: object = None,
+        global_balance_group: dist.ProcessGroup | None = None,
         z_weight: float = 0.0,
     ) -> None:
         selection = TopKSelection(
@@ -537,6 +551,7 @@ class TopKRouter(TokenChoiceRouter):
             softmax_after_topk=softmax_after_topk,
             num_groups=num_groups,
             top_groups=top_groups,
+            group_score=group_score,
         )
         bias = None
         if require_bool("selection_bias", selection_bias):
@@ -559,6 +574,16 @@ class TopKRouter(TokenChoiceRouter):
         self.differentiable = weights_move or (losses + self.z_weight > 0)
         self.weight = nn.Parameter(torch.empty(d_model, num_experts))
         nn.init.kaiming_uniform_(self.weight.t(), a=5**0.5)  # nn.Linear's initialisation
+
+    @classmethod
+    def from_preset(
+        cls, name: str, d_model: int, num_experts: int, **overrides: object
+    ) -> TopKRouter:
+        """``TopKRouter(d_model, num_experts, **TOPK_PRESETS[name], **overrides)``: the
+        router of a published model family (see :data:`TOPK_PRESETS`)."""
+        if name not in TOPK_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(TOPK_PRESETS)}")
+        return cls(d_model, num_experts, **{**TOPK_PRESETS[name], **overrides})  # type: ignore[arg-type]
 
     def logits(self, x: Tensor) -> Tensor:
         return router_logits(x, self.weight)
@@ -591,3 +616,39 @@ class TopKRouter(TokenChoiceRouter):
             if getattr(self, name):
                 text += f", {name}={getattr(self, name)}"
         return text
+
+
+#: The routers of published MoE families as ``TopKRouter`` options (their released
+#: configurations; loss weights as in their papers). ``num_groups`` needs E divisible by
+#: it (the models use E = 160 / 256). Build with ``TopKRouter.from_preset(name, d, E)``.
+TOPK_PRESETS: dict[str, dict[str, object]] = {
+    # Mixtral (Jiang et al. 2024): softmax over the top-2 logits
+    "mixtral": {"k": 2, "softmax_after_topk": True},
+    # Qwen2-MoE (57B-A14B): softmax over all experts, top-8 not renormalised, aux 1e-3
+    "qwen2-moe": {"k": 8, "normalize": False, "balance_weight": 1e-3},
+    # Qwen3-MoE: top-8 renormalised, global-batch balance loss 1e-3 (Qiu et al. 2025)
+    "qwen3-moe": {"k": 8, "global_balance_weight": 1e-3},
+    # DeepSeek-V2: softmax, top-6 in the top 3 of 8 groups ranked by their max, x16,
+    # not renormalised, expert-level balance per sequence alpha_1 = 0.003
+    "deepseek-v2": {
+        "k": 6,
+        "normalize": False,
+        "scaling_factor": 16.0,
+        "num_groups": 8,
+        "top_groups": 3,
+        "group_score": "max",
+        "sequence_balance_weight": 3e-3,
+    },
+    # DeepSeek-V3: sigmoid, top-8 in the top 4 of 8 groups (top-2 sums), renormalised,
+    # x2.5, loss-free bias (gamma = 1e-3), sequence-wise loss alpha = 1e-4
+    "deepseek-v3": {
+        "k": 8,
+        "score": "sigmoid",
+        "scaling_factor": 2.5,
+        "num_groups": 8,
+        "top_groups": 4,
+        "selection_bias": True,
+        "selection_bias_rate": 1e-3,
+        "sequence_balance_weight": 1e-4,
+    },
+}

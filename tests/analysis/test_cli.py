@@ -218,6 +218,8 @@ def test_sweep_quick_over_a_policy_option(tmp_path, capsys):
     assert cells[0]["dropped_pct"] > cells[1]["dropped_pct"]  # less capacity, more drops
     assert (out / "sweep.png").read_bytes()[:8] == PNG
     assert "## dropped %" in stdout and "capacity_factor" in stdout
+    other = [a if a != "capacity_factor=0.5,2" else "capacity_factor=1" for a in argv]
+    assert_usage_error(other, capsys, "holds a different run")
 
 
 def test_default_rows_are_what_compare_plans():

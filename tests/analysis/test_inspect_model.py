@@ -164,17 +164,19 @@ def test_model_table_sums_the_layers(recorded):
 
 def test_inspect_model_with_token_labels(recorded):
     _, model, tokenizer, windows, _ = recorded
+    windows = [windows[0][:56], windows[0][8:], windows[1]]  # two of equal length, then one
     labels = [torch.arange(w.numel()) % 3 for w in windows]  # a label per token
     data = TextWindows(windows, labels, ["a", "b", "c"])
-    metrics = inspect_model(
-        model, data, tokenizer=tokenizer, settings=InspectSettings(swaps=False, bias_steps=20)
-    )
-    assert metrics["loss"] == pytest.approx(next_token_loss(model, windows), abs=1e-5)
+    settings = InspectSettings(swaps=False, bias_steps=20, batch_size=2)
+    metrics = inspect_model(model, data, tokenizer=tokenizer, settings=settings)
+    batches = [torch.stack(windows[:2]), windows[2]]
+    assert metrics["loss"] == pytest.approx(next_token_loss(model, batches), abs=1e-5)
     with RoutingCapture(model) as capture:
-        next_token_loss(model, windows)
+        next_token_loss(model, batches)
     from analysis.metrics import concat_routings
 
     for i, layer in enumerate(metrics["layers"]):
+        assert [r.chosen.num_tokens for r in capture.layers[i]] == [112, 56]
         routing = concat_routings(capture.routings(i))
         direct = specialisation(routing, torch.cat(labels), num_labels=3)
         assert layer["specialisation"]["mutual_information"] == pytest.approx(
@@ -183,6 +185,27 @@ def test_inspect_model_with_token_labels(recorded):
         assert layer["specialisation"]["shuffled_mutual_information"] >= 0
         assert layer["spec_agreement"] == 1.0
         assert layer["load"] == routing.load().tolist()
+        # the capacity counterfactual acts per forward: 112 + 56 tokens
+        row = next(r for r in layer["capacity"] if r["drop_order"] == "token")
+        C = [
+            math.ceil(row["capacity_factor"] * r.chosen.num_entries / r.chosen.num_experts)
+            for r in capture.layers[i]
+        ]
+        assert row["dropped"] == sum(
+            int((r.chosen.load() - c).clamp_min(0).sum()) for r, c in zip(capture.layers[i], C)
+        )
+
+
+def test_batched_stacks_equal_length_neighbours():
+    from analysis.inspect_model import batched
+
+    windows = [torch.arange(4), torch.arange(4) + 1, torch.arange(4) + 2, torch.arange(3)]
+    data = TextWindows(windows, [w * 0 for w in windows], ["x"])
+    shapes = [tuple(ids.shape) for ids, _ in batched(data, 2)]
+    assert shapes == [(2, 4), (1, 4), (1, 3)]
+    assert torch.equal(batched(data, 2)[0][0][1], windows[1])
+    with pytest.raises(ValueError, match="batch_size"):
+        batched(data, 0)
 
 
 @pytest.mark.slow
@@ -275,3 +298,18 @@ def test_swap_targets():
     for bad in ("3,x", "", "25"):
         with pytest.raises(ValueError, match="swap_layers"):
             swap_targets(20, bad)
+
+
+def test_a_router_the_forward_never_calls_is_reported(recorded, monkeypatch):
+    import routelab.hf.capture as capture_module
+
+    _, model, tokenizer, windows, _ = recorded
+    ghost = torch.nn.Linear(2, 2)
+    ghost.num_experts = 4
+    real = capture_module.find_routers
+    monkeypatch.setattr(
+        capture_module, "find_routers", lambda m, spec=None: [*real(m, spec), ("ghost", ghost)]
+    )
+    data = TextWindows(windows, [w * 0 for w in windows], ["all"])
+    with pytest.raises(ValueError, match=r"\['ghost'\] were not called"):
+        inspect_model(model, data, tokenizer=tokenizer, settings=InspectSettings(swaps=False))

@@ -87,6 +87,10 @@ def test_cli_writes_the_report_for_both_streams(tmp_path):
     assert "forgetting" in report and "lifelong-moe-replay" in report
     assert "prune least used" in report and "merge MC-SMoE" in report
     assert [s["dataset"] for s in metrics["prune_merge"]] == ["tokens", "digits"]
+    for study in metrics["upcycling"]:  # upcycling preserves the dense model's function
+        dense, upcycled = study["rows"][0]["metric"], study["rows"][1]["metric"]
+        assert upcycled == pytest.approx(dense, rel=1e-4)
+        assert study["rows"][1]["experts"] == 8
 
 
 def test_cli_rejects_bad_arguments(capsys):

@@ -4,7 +4,7 @@ If a test here fails after a change to the rows, the routers or compare itself,
 regenerate the report and the README block:
 
     routelab compare --out docs/report --overwrite
-    python -m analysis.report readme docs/report
+    python -m analysis.report docs/report
 """
 
 import json
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "docs" / "report"
 REGENERATE = (
     "regenerate: routelab compare --out docs/report --overwrite && "
-    "python -m analysis.report readme docs/report"
+    "python -m analysis.report docs/report"
 )
 
 

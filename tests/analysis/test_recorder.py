@@ -118,3 +118,28 @@ def test_context_manager_reset_and_errors():
         with pytest.raises(IndexError):
             recorder.stats(3)
     assert not moe._forward_hooks
+
+
+def test_variable_compute_through_the_recorder_counts_null_experts_as_free():
+    from routelab import Routing
+    from routelab.null_experts import NullExperts
+
+    class FixedRouter(torch.nn.Module):  # token t -> experts {t % 2, 2 + t % 2}
+        num_experts, d_model = 4, 3
+
+        def forward(self, x, token_ids=None):
+            T = x.shape[0]
+            token = torch.arange(T).repeat_interleave(2)
+            expert = torch.stack([torch.arange(T) % 2, 2 + torch.arange(T) % 2], 1).reshape(-1)
+            return Routing(token, expert, torch.full((2 * T,), 0.5), T, 4)
+
+    layer = MoE(
+        FixedRouter(), NullExperts(FFNExperts(2, 3, 4), num_zero=1, num_copy=1, num_constant=0)
+    )
+    with RoutingRecorder(layer, reference_k=2) as recorder:
+        layer(torch.randn(6, 3))
+        stats = recorder.stats(0)
+    assert stats.null_experts == (2, 3)
+    assert stats.experts_per_token_mean == 2.0 and stats.ffn_entries_per_token == 1.0
+    assert stats.flops_vs_topk == 0.5
+    assert stats.experts_per_token_hist.tolist() == [0, 0, 6, 0, 0]

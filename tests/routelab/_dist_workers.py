@@ -519,22 +519,24 @@ def failing_rank(rank: int, world: int, config: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------- balancing state
 def balancing_state(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
-    """Every rank trains the same replicated layer (top-2 gate, loss-free bias, pausing)
-    on its own, rank-skewed data for a few steps, with a checkpointed micro-batch; the
-    update step all-reduces the loads. Returns the final state and the per-step local
+    """Every rank runs an expert-parallel layer (replicated top-2 gate, loss-free bias and
+    pausing; sharded experts) on its own, rank-skewed data for a few steps, with a
+    checkpointed micro-batch; the update step all-reduces the loads. Returns the final state and the per-step local
     loads and masses (so the parent can recompute the update independently)."""
     from torch.utils.checkpoint import checkpoint
 
-    from routelab import FFNExperts, MoE
+    from routelab import FFNExperts
     from routelab.balancing import update_balancing
+    from routelab.distributed import ExpertParallelMoE, shard_experts
     from routelab.policies import LossFreeBalancingPolicy, PausingPolicy
     from routelab.routers import TopKGate
 
-    E = 4
-    torch.manual_seed(0)  # identical replicas
+    E = 2 * world
+    torch.manual_seed(0)  # identical replicas of the router and the policies
     bias = LossFreeBalancingPolicy(E, rate=0.25)
     pausing = PausingPolicy(E, margin=0.5)
-    layer = MoE(TopKGate(D_MODEL, E, k=2), FFNExperts(E, D_MODEL, D_HIDDEN), [bias, pausing])
+    experts = shard_experts(FFNExperts(E, D_MODEL, D_HIDDEN), rank, world)
+    layer = ExpertParallelMoE(TopKGate(D_MODEL, E, k=2), experts, [bias, pausing])
     gen = torch.Generator().manual_seed(1000 + rank)
     loads, masses = [], []
     for step in range(config["steps"]):

@@ -330,3 +330,14 @@ def test_reference_static_parameters_load():
         gate.load_reference_parameters(np.zeros((2, 2)), np.zeros(2))
     with pytest.raises(ValueError, match="z_bias"):
         DSelectKGate(3, 8, k=2).load_reference_parameters(np.zeros((3, 6)), np.zeros((3, 2)))
+
+
+def test_selector_entropy_value_and_gradient():
+    from routelab.routers.dselect_k import _SelectorEntropy
+
+    r = torch.rand(5, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    r[0, 0, :3] = 0.0  # exact zeros: finite gradient thanks to eps
+    r.requires_grad_(True)
+    torch.testing.assert_close(_SelectorEntropy.apply(r), -(r * torch.log(r + 1e-6)).sum())
+    inside = (0.1 + 0.8 * r.detach()).requires_grad_(True)  # finite differences stay >= 0
+    assert torch.autograd.gradcheck(_SelectorEntropy.apply, (inside,))

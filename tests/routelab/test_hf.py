@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -396,3 +397,14 @@ def test_a_routelab_router_can_replace_the_models(loaded):
     expected = router.lookup(windows[0])[:, 0]
     assert torch.equal(used[0].expert, expected)  # routed by the window's token ids
     assert torch.equal(used[0].weight, torch.ones(SEQ))
+
+
+def test_a_missing_transformers_says_how_to_install(monkeypatch):
+    import routelab.hf.registry as registry
+
+    def no_transformers(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(registry, "importlib", SimpleNamespace(import_module=no_transformers))
+    with pytest.raises(ImportError, match=r"routelab\[hf\]"):
+        registry.require_transformers()

@@ -25,6 +25,7 @@ from routelab.lifecycle import (
     prune_experts,
     register_router_surgery,
     router_surgery,
+    successor_pairs,
     transfer_optimizer_state,
     upcycle_ffn,
 )
@@ -278,13 +279,21 @@ def test_optimizer_state_is_carried_to_the_successor_rows():
     grown = grow_experts(moe, 2, sources=[1, 1])
     new_opt = torch.optim.Adam(grown.parameters(), lr=1e-2)
     sources = [0, 1, 2, 3, None, None]
-    pairs = [(moe.experts.w_in, grown.experts.w_in, 0, sources)]
-    pairs.append((moe.router.proj.weight, grown.router.proj.weight, 0, sources))
-    assert transfer_optimizer_state(opt, new_opt, pairs) == 2
+    pairs = successor_pairs(moe, grown, sources)
+    # the 4 expert stacks, the gate weight and bias
+    assert transfer_optimizer_state(opt, new_opt, pairs) == 6
     state, old_state = new_opt.state[grown.experts.w_in], opt.state[moe.experts.w_in]
     assert torch.equal(state["exp_avg"][:4], old_state["exp_avg"])
     assert float(state["exp_avg"][4:].abs().sum()) == 0.0
     assert torch.equal(state["step"], old_state["step"])
+    bias_state = new_opt.state[grown.router.proj.bias]["exp_avg_sq"]
+    assert torch.equal(bias_state[:4], opt.state[moe.router.proj.bias]["exp_avg_sq"])
+    # a merge: each merged expert takes its dominant member's moments
+    merged = merge_experts(moe, torch.tensor([3.0, 1.0, 2.0, 4.0]), groups=[[0, 1], [2, 3]])
+    merge_opt = torch.optim.Adam(merged.moe.parameters(), lr=1e-2)
+    transfer_optimizer_state(opt, merge_opt, successor_pairs(moe, merged.moe, merged.sources))
+    carried = merge_opt.state[merged.moe.experts.w_out]["exp_avg"]
+    assert torch.equal(carried, opt.state[moe.experts.w_out]["exp_avg"][[0, 3]])
     moe(torch.randn(3, D))  # the old model still runs
     grown(torch.randn(3, D)).output.sum().backward()
     new_opt.step()  # the carried state has the right shapes

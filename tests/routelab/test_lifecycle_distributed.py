@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import socket
+import time
 
 import pytest
 import torch.multiprocessing as mp
@@ -26,8 +27,11 @@ def test_expert_parallel_copies_of_reindexed_layers_match_one_process(tmp_path):
         join=False,
         start_method="spawn",
     )
-    try:
-        finished = context.join(timeout=180)
+    deadline = time.monotonic() + 180
+    finished = False
+    try:  # join() handles one finished process per call
+        while not finished and time.monotonic() < deadline:
+            finished = context.join(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for process in context.processes:
             if process.is_alive():

@@ -81,7 +81,7 @@ def test_after_switch_the_weight_stays_the_router_probability():
     # independent: Switch's weight is softmax(x W^T)_3, not 1
     expected = torch.softmax(x @ gate.proj.weight.t(), dim=-1)[:, 3]
     torch.testing.assert_close(out.weight, expected)
-    assert float(out.weight.max()) < 0.9
+    assert float(out.weight.detach().max()) < 0.9
     out.weight.sum().backward()  # the task gradient still reaches the router
     assert gate.proj.weight.grad.abs().sum() > 0
 

@@ -189,3 +189,24 @@ class TestPausingDenseContract(PolicyContract):
 
     def make_router(self, d_model, num_experts):
         return SoftmaxGate(d_model, num_experts)
+
+
+@given(data=st.data())
+def test_a_normalised_gate_keeps_weights_summing_to_one(data):
+    E = data.draw(st.integers(2, 6))
+    T = data.draw(st.integers(1, 15))
+    k = data.draw(st.integers(1, E))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    routing = _topk(torch.randn(T, E, generator=gen), k)
+    dense = data.draw(st.booleans())
+    if dense:
+        routing = SoftmaxGate(3, E).double()(torch.randn(T, 3, generator=gen, dtype=torch.float64))
+    reroute = data.draw(st.booleans())
+    policy = PausingPolicy(E, margin=0.0, reroute=reroute)
+    policy.totals.copy_(torch.randint(0, 9, (E,), generator=gen).double())
+    out = policy(routing)
+    sums = torch.zeros(T, dtype=torch.float64).index_add(0, out.token, out.weight.double())
+    has = out.entries_per_token() > 0
+    torch.testing.assert_close(sums[has], torch.ones_like(sums[has]))
+    if dense or reroute:  # some expert is always unpaused: a dense gate keeps it, and a
+        assert bool(has.all())  # re-routed token finds it

@@ -10,7 +10,7 @@ from torch import nn
 from routelab import FFNExperts, MoE, Routing
 from routelab.policies import CapacityPolicy
 from routelab.replay import RouterReplay, replay_layers
-from routelab.routers import HashRouter, SwitchGate
+from routelab.routers import CosineTopKGate, HashRouter, SwitchGate
 from routelab.routers.topk import TopKGate, TopKRouter
 
 
@@ -157,3 +157,24 @@ def test_replay_of_routings_loaded_from_elsewhere():
     assert torch.equal(routing.expert.view(5, 2), chosen)
     with pytest.raises(TypeError, match="Routings"):
         RouterReplay().load({"": [chosen]})
+
+
+@pytest.mark.parametrize(
+    "make_router",
+    [
+        lambda: TopKGate(8, 6, k=2),
+        lambda: deepseek(8, 6),
+        lambda: TopKRouter(8, 6, k=3, softmax_after_topk=True, global_balance_weight=0.1),
+        lambda: CosineTopKGate(8, 6, k=2),
+    ],
+)
+def test_every_token_choice_router_replays_its_own_routing_exactly(make_router):
+    torch.manual_seed(5)
+    router = make_router().eval()
+    x = torch.randn(9, 8)
+    first = router(x)
+    again = router.replay_route(x, None, first)
+    assert torch.equal(again.token, first.token) and torch.equal(again.expert, first.expert)
+    torch.testing.assert_close(again.weight, first.weight)
+    torch.testing.assert_close(again.probs, first.probs)
+    assert set(again.aux) == set(first.aux)

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from routelab import FFNExperts, MoE
 from routelab.balancing import GlobalLoadCounts, update_balancing
 from routelab.losses import load_balance_loss, sequence_balance_loss
-from routelab.routers.topk import TopKGate, TopKRouter, TopKSelection, topk_softmax_routing
+from routelab.routers.topk import (
+    TOPK_PRESETS,
+    TopKGate,
+    TopKRouter,
+    TopKSelection,
+    topk_softmax_routing,
+)
 from routelab.testing import RouterContract, check_routing
 
 
@@ -85,7 +91,8 @@ def reference_selection(logits, config, bias):
             group_scores = []
             for g in range(config.num_groups):
                 members = sorted((biased[i] for i in range(g * size, (g + 1) * size)), reverse=True)
-                group_scores.append((sum(members[: min(2, size)]), -g))
+                top = 2 if config.group_score == "top2" else 1
+                group_scores.append((sum(members[: min(top, size)]), -g))
             kept = [-g for _, g in sorted(group_scores, reverse=True)[: config.top_groups]]
             allowed = {i for g in kept for i in range(g * size, (g + 1) * size)}
         ranked = sorted(allowed, key=lambda i: (-biased[i], i))
@@ -119,6 +126,7 @@ def selections(draw):
         softmax_after_topk=after,
         num_groups=None if groups is None else groups[0],
         top_groups=None if groups is None else groups[1],
+        group_score=draw(st.sampled_from(["top2", "max"])),
     )
 
 
@@ -195,6 +203,7 @@ def test_forced_indices_give_the_weights_of_those_experts():
         ({"scaling_factor": 0.0}, ValueError, "scaling_factor"),
         ({"normalize": 1}, TypeError, "normalize"),
         ({"k": 9}, ValueError, "k"),
+        ({"num_groups": 4, "top_groups": 2, "group_score": "mean"}, ValueError, "group_score"),
     ],
 )
 def test_bad_options_are_clear_errors(options, error, match):
@@ -343,7 +352,7 @@ def test_global_counts_accumulate_over_micro_batches_and_reset_in_the_update():
     torch.manual_seed(2)
     router = TopKRouter(6, 4, k=2, global_balance_weight=1.0).double()
     x1, x2 = torch.randn(5, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
-    r1, r2 = router(x1), router(x2)
+    r1, r2 = router(x1).detach(), router(x2).detach()
     both = torch.cat([r1.expert.view(5, 2), r2.expert.view(3, 2)])
     probs = torch.cat([r1.probs, r2.probs]).tolist()
     # micro-batch 2 uses the load of micro-batches 1 and 2, its own P
@@ -358,7 +367,7 @@ def test_global_counts_accumulate_over_micro_batches_and_reset_in_the_update():
     global_loss = loop_balance_loss(probs, both.tolist())
     assert float(counts.step_loss) == pytest.approx(global_loss)
     assert float(counts.pending("load").sum()) == 0
-    r3 = router(x2)  # a new step: its own load only
+    r3 = router(x2).detach()  # a new step: its own load only
     assert float(r3.aux["global_balance"]) == pytest.approx(
         loop_balance_loss(r3.probs.tolist(), r3.expert.view(3, 2).tolist())
     )
@@ -393,3 +402,24 @@ def test_topk_gate_is_a_token_choice_router_with_an_optional_z_loss():
     assert gate.differentiable and not TopKGate(5, 4, k=1).differentiable
     routing = gate(torch.randn(3, 5))
     assert set(routing.aux) == {"z"}
+
+
+def test_presets_build_and_match_their_explicit_configuration():
+    torch.manual_seed(5)
+    x = torch.randn(20, 16)
+    for name in TOPK_PRESETS:
+        router = TopKRouter.from_preset(name, 16, 64)
+        check_routing(router(x), num_tokens=20, num_experts=64)
+    torch.manual_seed(6)
+    preset = TopKRouter.from_preset("deepseek-v3", 16, 64, k=4)
+    torch.manual_seed(6)
+    explicit = TopKRouter(
+        16, 64, k=4, score="sigmoid", scaling_factor=2.5, num_groups=8, top_groups=4,
+        selection_bias=True, sequence_balance_weight=1e-4,
+    )  # fmt: skip
+    a, b = preset(x), explicit(x)
+    assert torch.equal(a.expert, b.expert) and torch.equal(a.weight, b.weight)
+    assert preset.selection.group_score == "top2"
+    assert TopKRouter.from_preset("deepseek-v2", 16, 64).selection.group_score == "max"
+    with pytest.raises(ValueError, match="known: mixtral"):
+        TopKRouter.from_preset("gpt-oss", 16, 64)
