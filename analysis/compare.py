@@ -501,13 +501,13 @@ def _rounded(value: Any, digits: int = 6) -> Any:
     return value
 
 
-def _cpu_seconds() -> float:
+def _cpu_seconds() -> tuple[float, float]:
     """CPU seconds of this process and of its finished child processes (the workers)."""
     import resource
 
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 # ---------------------------------------------------------------------- run folders
@@ -712,21 +712,28 @@ def compare(
             f"{len(jobs)} runs of {settings.steps} steps on {min(workers, len(jobs))} worker(s): "
             f"about {estimate_seconds(jobs, settings, workers):.0f} s on a quiet machine"
         )
-    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    start, own_start, children_start = time.perf_counter(), *_cpu_seconds()
     flat = run_jobs(jobs, settings, workers=workers, progress=progress)
-    wall, cpu_total = time.perf_counter() - start, _cpu_seconds() - cpu_start
+    wall = time.perf_counter() - start
+    own, children = _cpu_seconds()
+    worker_cpu = children - children_start if workers > 1 else own - own_start
     results: dict[str, list[RunResult]] = {name: [] for name in datasets}
     for result in flat:
         results[result.dataset].append(result)
     results = {name: rs for name, rs in results.items() if rs}
     _clear_previous_run(out)
     plot_files = {name: _write_plots(out, rs, settings) for name, rs in results.items()}
+    used = min(workers, len(jobs))
+    main_cpu = _cpu_seconds()[0] - own_start - (worker_cpu if used == 1 else 0.0)
     metrics = {
         "settings": settings.to_dict(),
-        "workers": min(workers, len(jobs)),
+        "workers": used,
         "wall_seconds": wall,
+        "total_wall_seconds": time.perf_counter() - start,
         "cpu_seconds": sum(r.cpu_seconds for r in flat),
-        "cpu_seconds_with_start_up": cpu_total,
+        "cpu_seconds_with_start_up": worker_cpu,
+        "main_cpu_seconds": main_cpu,
+        "quiet_machine_seconds": main_cpu + worker_cpu / used,
         "rows": {
             row.name: {
                 "configuration": row.configuration(),

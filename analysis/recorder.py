@@ -83,7 +83,8 @@ class RoutingRecorder:
         reference_k: the k of the top-k layer the variable-compute statistics compare
             with (``LoadStats.flops_vs_topk``); the expert ids an MoE layer's executor
             runs without FFN compute (``NullExperts.null_expert_ids``) are found by
-            themselves.
+            themselves. SoftMoE layers get no reference (their dense token-level view
+            says nothing about their FLOPs: ``analysis.soft_moe_stats``).
 
     Use::
 
@@ -129,12 +130,11 @@ class RoutingRecorder:
             if isinstance(module, (MoE, SoftMoE)):
                 index = len(self._layers)
                 null = getattr(getattr(module, "experts", None), "null_expert_ids", ())
+                # a SoftMoE's token-level view is dense: its FLOPs are not its entries'
+                reference = reference_k if isinstance(module, MoE) else None
                 self._layers.append(
                     _Layer(
-                        name or "moe",
-                        module.num_experts,
-                        null_experts=null,
-                        reference_k=reference_k,
+                        name or "moe", module.num_experts, null_experts=null, reference_k=reference
                     )
                 )
                 self._handles.append(module.register_forward_hook(self._hook_for(index)))

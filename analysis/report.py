@@ -217,6 +217,22 @@ item every expert, so its load is even by construction).
 """
 
 
+def _timing(metrics: Mapping[str, Any]) -> str:
+    """The run's time: wall time here, CPU time, and what that means on a quiet machine."""
+    text = (
+        f"Wall time {metrics['total_wall_seconds']:.0f} s here (runs {metrics['wall_seconds']:.0f}"
+        f" s); CPU time {metrics['cpu_seconds']:.0f} s in the runs, "
+        f"{metrics['cpu_seconds_with_start_up']:.0f} s in the workers with their start-up and "
+        f"data preparation, {metrics['main_cpu_seconds']:.0f} s in the main process (plots, "
+        "report)"
+    )
+    return (
+        text + f": about {metrics['quiet_machine_seconds']:.0f} s of wall time on a quiet "
+        f"machine with {metrics['workers']} free cores (main CPU + worker CPU / workers), "
+        "plus about 3 s of imports."
+    )
+
+
 def report_markdown(metrics: Mapping[str, Any]) -> str:
     """The report of a compare run, from its ``metrics.json`` content alone."""
     s = metrics["settings"]
@@ -228,10 +244,7 @@ def report_markdown(metrics: Mapping[str, Any]) -> str:
         f"{s['num_experts']} experts, {s['steps']} steps of {s['batch_size']} items, Adam lr "
         f"{s['lr']}, seed {s['seed']}{', quick data' if s['quick'] else ''}), the same "
         f"batches for every row. {sum(len(d['results']) for d in metrics['datasets'].values())} "
-        f"runs on {metrics['workers']} worker process(es) took {metrics['wall_seconds']:.0f} s "
-        f"of wall time: {metrics['cpu_seconds']:.0f} s of CPU time in the runs, "
-        f"{metrics['cpu_seconds_with_start_up']:.0f} s with the workers' start-up and data "
-        "preparation.",
+        f"runs on {metrics['workers']} worker process(es). {_timing(metrics)}",
         "",
         "## Rows",
         "",
@@ -307,8 +320,8 @@ def readme_block(metrics: Mapping[str, Any]) -> str:
         f"From the committed report [docs/report/report.md](docs/report/report.md) (d = "
         f"{s['d_model']}, E = {s['num_experts']}, {s['steps']} steps of {s['batch_size']}, seed "
         f"{s['seed']}; {sum(len(d['results']) for d in metrics['datasets'].values())} runs on "
-        f"{metrics['workers']} worker processes in {metrics['wall_seconds']:.0f} s). "
-        "Columns are explained in the report.",
+        f"{metrics['workers']} worker processes). {_timing(metrics)} Columns are explained in "
+        "the report.",
     ]
     for name, data in metrics["datasets"].items():
         rows = [r for r in data["results"] if r["router"] in README_ROWS]

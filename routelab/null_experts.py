@@ -21,10 +21,12 @@ measures it. MoE++ routes with ``routelab.routers.MoEPlusPlusGate``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
-from routelab.experts import Experts
+from routelab.experts import Experts, ExpertSegments
 from routelab.routing import Routing, _require_int
 
 __all__ = ["NULL_KINDS", "NullExperts"]
@@ -120,9 +122,7 @@ class NullExperts(Experts):
             token, weight = routing.token[hit], routing.weight[hit].to(dtype)
             which = expert[hit] - constant_ids.start  # [n] constant expert index
             count = len(constant_ids)
-            gates = self.constant_gate.to(dtype).permute(1, 0, 2).reshape(x.shape[1], 2 * count)
-            logits = (x @ gates).view(-1, count, 2)[token, which]  # [n, 2]: x_t W_c
-            mix = torch.softmax(logits, dim=-1)  # a_1, a_2 of each entry
+            mix = torch.softmax(self.mixing_logits(x)[token, which], dim=-1)  # [n, 2]: a_1, a_2
             scale = scale.index_add(0, token, weight * mix[:, 0])
             vector = x.new_zeros(x.shape[0] * count)  # m_tc [T, C]
             vector = vector.index_add(0, token * count + which, weight * mix[:, 1])
@@ -130,6 +130,37 @@ class NullExperts(Experts):
         if len(copy_ids) or len(constant_ids):
             y = y + scale[:, None] * x
         return y
+
+    def mixing_logits(self, rows: Tensor) -> Tensor:
+        """``rows W_c`` of every constant expert c: ``[n, C, 2]`` for ``rows [n, d]``."""
+        gates = self.constant_gate.to(rows.dtype)  # [C, d, 2]
+        flat = gates.permute(1, 0, 2).reshape(rows.shape[1], -1)  # [d, C * 2]
+        return (rows @ flat).view(rows.shape[0], gates.shape[0], 2)
+
+    def run_sorted(self, xs: Tensor, counts: ExpertSegments | Tensor | Sequence[int]) -> Tensor:
+        """Rows in expert order -> each row's expert output, unweighted (the executor
+        protocol of ``routelab.experts.Experts``): the FFN rows (they come first) through
+        the wrapped executor's ``run_sorted``, then 0, the row itself, or ``a_1 x + a_2 v``."""
+        segments = counts if isinstance(counts, ExpertSegments) else ExpertSegments(counts)
+        sizes = segments.sizes()
+        if len(sizes) != self.num_experts or sum(sizes) != xs.shape[0]:
+            raise ValueError(
+                f"counts must be {self.num_experts} segment sizes summing to {xs.shape[0]}"
+            )
+        ffn_rows = sum(sizes[: self.num_ffn])
+        parts = [self.experts.run_sorted(xs[:ffn_rows], sizes[: self.num_ffn])]
+        rows = torch.split(xs[ffn_rows:], sizes[self.num_ffn :])
+        copy_ids, constant_ids = self.kind_range("copy"), self.kind_range("constant")
+        for expert, part in zip(self.null_expert_ids, rows):
+            if expert in copy_ids:
+                parts.append(part)
+            elif expert in constant_ids:
+                c = expert - constant_ids.start
+                mix = torch.softmax(self.mixing_logits(part)[:, c], dim=-1)  # [n, 2]
+                parts.append(mix[:, :1] * part + mix[:, 1:] * self.constant[c].to(part.dtype))
+            else:  # zero
+                parts.append(part * 0.0)
+        return torch.cat(parts)
 
     def extra_repr(self) -> str:
         counts = ", ".join(f"num_{k}={v}" for k, v in self.null_counts.items())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 from torch import Tensor, nn
 
@@ -51,6 +53,17 @@ class ExpertChoiceRouter(Router):
         self._factor = exact_fraction("capacity_factor", capacity_factor)
         self.capacity_factor = float(capacity_factor)  # type: ignore[arg-type]
         self.proj = nn.Linear(d_model, num_experts, bias=require_bool("bias", bias))
+
+    @property
+    def capacity_fraction(self) -> Fraction:
+        """The capacity factor as the exact rational the capacity is computed from."""
+        return self._factor
+
+    def set_capacity_factor(self, capacity_factor: object) -> None:
+        """Change the capacity factor (a finite number > 0, or an exact ``Fraction``),
+        e.g. to keep c when the number of experts changes."""
+        self._factor = exact_fraction("capacity_factor", capacity_factor)
+        self.capacity_factor = float(self._factor)
 
     def capacity_for(self, num_tokens: int) -> int:
         """``c = min(T, ceil(capacity_factor * T / E))``, computed exactly on the decimal

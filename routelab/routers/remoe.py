@@ -20,7 +20,7 @@ __all__ = ["ReMoEGate", "SparsityCoefficient", "relu_l1_penalty"]
 class SparsityCoefficient(BalancingState):
     """ReMoE's adaptive L1 coefficient ``lambda``, updated only in the explicit update step.
 
-    Update rule (Wang, Chen & Zhu 2025, eq. 8-9), once per optimiser step::
+    Update rule (Wang, Chen & Zhu 2025), once per optimiser step::
 
         S = 1 - (number of non-zero gates) / (number of gates T * E)   observed sparsity
         lambda <- lambda * alpha ** sign(target - S)
@@ -159,7 +159,7 @@ class ReMoEGate(Router):
 
 
 def relu_l1_penalty(gates: Tensor, k: int | None = None) -> Tensor:
-    """ReMoE's L1 penalty of ReLU gates ``[T, E]`` (Wang, Chen & Zhu 2025, eq. 7 and 10).
+    """ReMoE's L1 penalty of ReLU gates ``[T, E]`` (Wang, Chen & Zhu 2025).
 
     ``k=None``: ``(1/T) sum_x sum_e G(x)_e``. With ``k``: the load-balanced form
     ``(1/T) sum_x sum_e f_e G(x)_e``, ``f_e = E / (k T) * sum_x 1[G(x)_e > 0]`` (f is a

@@ -106,7 +106,7 @@ def top_p_routing(probs: Tensor, p: float) -> Routing:
 def router_entropy_loss(probs: Tensor) -> Tensor:
     """The mean entropy of the router distribution, ``(1/T) sum_x -sum_i P_i log P_i``.
 
-    Huang et al. 2024 (dynamic loss, eq. 6). ``probs [T, E]``; ``0 log 0 = 0`` (finite
+    Huang et al. 2024 (the dynamic loss). ``probs [T, E]``; ``0 log 0 = 0`` (finite
     gradients where a probability underflows); 0 for an empty batch.
     """
     if probs.shape[0] == 0:

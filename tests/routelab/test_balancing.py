@@ -133,3 +133,23 @@ def test_ranks_hold_the_same_state_and_it_is_the_all_reduced_update():
         assert float(a["loads"][step].sum()) == 2 * 2 * (6 + step)  # 2 micro-batches * T * k
     torch.testing.assert_close(a["bias"].double(), bias)
     torch.testing.assert_close(a["totals"], totals)
+
+
+def test_casting_the_model_keeps_the_state_exact():
+    from routelab import FFNExperts, MoE
+    from routelab.policies import LossFreeBalancingPolicy, PausingPolicy
+    from routelab.routers import TopKGate
+
+    bias, pausing = LossFreeBalancingPolicy(4), PausingPolicy(4)
+    moe = MoE(TopKGate(6, 4, k=2), FFNExperts(4, 6, 8), policies=[bias, pausing])
+    bias.pending("load").fill_(1001.0)  # not representable in bf16 (8 bits of mantissa)
+    bias.bias.fill_(0.123)
+    pausing.totals.fill_(4097.0)
+    moe = moe.to(torch.bfloat16)
+    assert moe.router.proj.weight.dtype == torch.bfloat16  # the model was cast ...
+    assert bias.pending("load").dtype == torch.float64  # ... its balancing state was not
+    assert bias.pending("load").tolist() == [1001.0] * 4
+    assert bias.bias.dtype == torch.float32 and bias.bias.tolist() == pytest.approx([0.123] * 4)
+    assert pausing.totals.tolist() == [4097.0] * 4
+    moe.double()
+    assert bias.bias.dtype == torch.float32 and pausing.totals.dtype == torch.float64

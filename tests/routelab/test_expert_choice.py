@@ -101,3 +101,12 @@ def test_capacity_is_exact_on_the_written_decimal(text):
     router = ExpertChoiceRouter(4, 10, capacity_factor=1.1)
     routing = router(torch.randn(100, 4))
     assert routing.capacity == 11 and routing.num_entries == 110  # the float product gives 12
+
+
+def test_the_capacity_factor_can_be_changed_exactly():
+    router = ExpertChoiceRouter(4, 10, capacity_factor=1.1)
+    assert router.capacity_fraction == Fraction(11, 10)
+    router.set_capacity_factor(Fraction(1, 3))  # exact: ceil(100 / 30) = 4
+    assert router.capacity_for(100) == 4 and router.capacity_fraction == Fraction(1, 3)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        router.set_capacity_factor(float("inf"))
