@@ -30,8 +30,29 @@ class UsageError(Exception):
     """A command-line mistake found after parsing; main() prints it as one line, exit 2."""
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout without breaking lines inside hyphenated names."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(
+            " ".join(text.split()),
+            width,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_on_hyphens=False,
+        )
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``routelab: error: MESSAGE (see ... --help)``."""
+    """argparse with one-line errors (``routelab: error: MESSAGE (see ... --help)``) and
+    help text that keeps hyphenated names whole."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"routelab: error: {message} (see {self.prog} --help)\n")
@@ -455,14 +476,29 @@ def _add_lifelong(sub: Any) -> None:
         "and without output distillation, with replay) phase after phase on the stdlib "
         "package families and class-incremental digits; measure every distribution after "
         "every phase (forgetting, forward transfer); prune and merge a trained layer by its "
-        "routing loads. Writes report.md, metrics.json and plots into --out.",
+        "routing loads and upcycle a dense one. Writes report.md, metrics.json and plots "
+        "into --out.",
     )
     p.add_argument("--out", default="reports/lifelong", help="report folder")
     p.add_argument("--stream", choices=("all", "stdlib", "digits"), default="all")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset of: dense, moe-finetune, lifelong-moe, lifelong-moe-noreg, "
+        "lifelong-moe-replay, moe-replay (default: all)",
+    )
     p.add_argument("--steps", type=positive_int, default=None, help="steps per phase (150)")
     p.add_argument("--grow", type=positive_int, default=None, help="experts added per phase (2)")
-    p.add_argument("--distill-weight", dest="distill_weight", type=positive_float, default=None)
-    p.add_argument("--no-prune", action="store_true", help="skip the prune / merge study")
+    p.add_argument(
+        "--distill-weight",
+        dest="distill_weight",
+        type=positive_float,
+        default=None,
+        help="weight of Lifelong-MoE's output distillation (1.0)",
+    )
+    p.add_argument(
+        "--no-prune", action="store_true", help="skip the prune / merge and upcycling studies"
+    )
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (tests)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (1)")
@@ -471,8 +507,15 @@ def _add_lifelong(sub: Any) -> None:
 
 
 def _lifelong(args: argparse.Namespace) -> int:
-    from analysis.lifelong import run_cli
+    from analysis.lifelong import METHODS, run_cli
 
+    methods = [m for m in (args.methods or "").split(",") if m] or list(METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise UsageError(
+            f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}"
+        )
+    args.methods = methods
     return run_cli(args)
 
 

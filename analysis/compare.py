@@ -48,7 +48,7 @@ from analysis import plots
 from analysis.data import DATASETS, Dataset, load_dataset, task_loss
 from analysis.metrics import LoadStats, concat_routings
 from analysis.recorder import RoutingRecorder
-from analysis.registry import REGISTRY, CompareRow, resolve_routers
+from analysis.registry import CompareRow, resolve_routers
 from analysis.report import detail_choice, report_markdown
 from analysis.specialisation import routing_stability, shuffled_levels
 from routelab._validate import require_float, require_int
@@ -356,14 +356,32 @@ def train_and_measure(
 # ---------------------------------------------------------------------- many jobs
 @dataclass(frozen=True)
 class Job:
-    """One training run: a data set, a row name and option overrides (picklable)."""
+    """One training run: a data set, a row and option overrides.
+
+    ``base`` is a ``CompareRow`` or a registered row's name. The row itself travels to the
+    worker process (it holds classes and module-level functions, so it pickles), so a row
+    built in a script runs as well as a registered one.
+    """
 
     dataset: str
-    router: str
+    base: CompareRow | str
     options: tuple[tuple[str, Any], ...] = ()
 
+    def __post_init__(self) -> None:
+        if isinstance(self.base, str):
+            (row,) = resolve_routers([self.base])
+            object.__setattr__(self, "base", row)
+        if not isinstance(self.base, CompareRow):
+            raise TypeError(f"base must be a CompareRow or a row name, got {self.base!r}")
+        object.__setattr__(self, "options", tuple(self.options))
+
+    @property
+    def router(self) -> str:
+        return self.base.name  # type: ignore[union-attr]
+
     def row(self) -> CompareRow:
-        row = REGISTRY[self.router]
+        row = self.base
+        assert isinstance(row, CompareRow)
         return row.with_options(**dict(self.options)) if self.options else row
 
     @property
@@ -374,7 +392,7 @@ class Job:
 
 def plan_jobs(rows: Sequence[CompareRow], datasets: Sequence[str]) -> list[Job]:
     """One job per (data set, row) where the row runs on that data set."""
-    return [Job(name, row.name) for name in datasets for row in rows if name in row.datasets]
+    return [Job(name, row) for name in datasets for row in rows if name in row.datasets]
 
 
 def default_workers() -> int:
@@ -802,7 +820,7 @@ def sweep(
     keys = list(grid)
     rows_key, cols_key = keys[0], keys[1] if len(keys) == 2 else None
     col_values = list(grid[cols_key]) if cols_key else [None]
-    cells_options, jobs = sweep_jobs(router, grid, dataset)
+    cells_options, jobs = sweep_jobs(row, grid, dataset)
     workers = default_workers() if workers is None else require_int("workers", workers, minimum=1)
     fingerprint = {**run_fingerprint("sweep", settings, jobs), "grid": grid}
     out = check_run_directory(out, fingerprint, overwrite)
@@ -861,7 +879,7 @@ def sweep(
 
 
 def sweep_jobs(
-    router: str, grid: Mapping[str, Sequence[float]], dataset: str
+    router: CompareRow | str, grid: Mapping[str, Sequence[float]], dataset: str
 ) -> tuple[list[dict[str, Any]], list[Job]]:
     """The cells of ``grid`` (every combination, first option slowest) and their jobs."""
     keys = list(grid)

@@ -1,14 +1,17 @@
 """``routelab lifelong``: Lifelong-MoE against sequential fine-tuning on real data streams,
-and pruning / merging of a trained layer by its routing statistics.
+pruning / merging of a trained layer by its routing statistics, and sparse upcycling.
 
 Two sequences of data distributions that ship offline:
 
 - ``stdlib``: next-token prediction (the :class:`analysis.data.TokenLM` model) on the
   Python standard library's source, one distribution per package family, in this
   order: text processing, networking, concurrency, GUI (:data:`FAMILIES`). One
-  vocabulary over all families (the most frequent tokens, as
-  :func:`routelab.corpus.load_stdlib_corpus` builds it); each family's token stream is
-  split 90 / 10 into training and evaluation. Quality: evaluation perplexity.
+  vocabulary over all families (the most frequent tokens, ties by the token string,
+  as :func:`routelab.corpus.load_stdlib_corpus` builds it; ``vocab_size`` with
+  ``"<unk>"``). Each family's files are tokenised by :func:`routelab.corpus.tokenize`
+  in path order and sampled as evenly spaced chunks of :data:`CHUNK` tokens (at most
+  ``tokens_per_family``), so a family is its whole set of files, not the first few;
+  every 10th chunk is held out for evaluation. Quality: evaluation perplexity.
 - ``digits``: class-incremental digits (scikit-learn's ``load_digits``): classes 0-4,
   then 5-9, on the two-layer :class:`routelab.deep_moe.DeepMoE`; quality: test accuracy
   on each phase's classes, predicting among all 10 classes (no task id).
@@ -36,7 +39,8 @@ quality on distribution j after training phase i. Reported per method (Chaudhry 
 2018; Lopez-Paz & Ranzato 2017), with "gain" meaning accuracy, or minus the loss for
 perplexity (forgetting is computed on the log scale, nats per token):
 
-- final: the mean quality over all distributions after the last phase;
+- final: the mean quality over all distributions after the last phase (the geometric
+  mean for perplexities);
 - forgetting: mean over j < last of ``max_{i in [j, last)} gain[i][j] - gain[last][j]``;
 - backward transfer: mean over j < last of ``gain[last][j] - gain[j][j]``;
 - forward transfer: mean over j > 0 of ``gain[j-1][j] - gain_init[j]`` (zero-shot
@@ -49,6 +53,9 @@ on the training data with :class:`analysis.RoutingRecorder`, then each layer los
 half its experts by pruning the least used, pruning at random, MC-SMoE merging (groups
 around the most used experts by router-probability similarity, frequency-weighted
 averages) and uniform merging; the task metric before and after (no fine-tuning).
+Sparse upcycling (:func:`upcycle_study`): a dense model trained for half the steps,
+upcycled into an MoE (the same function at that point) and trained on, against the
+dense model continued and an MoE trained from scratch.
 """
 
 from __future__ import annotations
@@ -836,6 +843,7 @@ def run_cli(args: Any) -> int:
         results = lifelong(
             args.out,
             streams=streams,
+            methods=getattr(args, "methods", None) or METHODS,
             settings=settings,
             prune=not args.no_prune,
             progress=not args.no_progress,

@@ -666,7 +666,49 @@ class FFNExperts(Experts):
             self.grouped_gemm = False
             return self._ffn(xs, segments, "segment")
 
-    def _ffn(self, xs: Tensor, segments: ExpertSegments, kernel: str) -> Tensor:
+    def forward(self, x: Tensor, routing: Routing) -> Tensor:
+        """``x [T, d]``, any Routing over T tokens and E experts -> ``y [T, d]``.
+
+        Where ``h < d`` (full precision) the combine weights scale the hidden rows
+        ``[N, h]`` before the output projection instead of the output rows ``[N, d]``
+        (``w (h W) = (w h) W``: less memory traffic each way), and the output bias enters
+        as ``combine [T, E] @ b_out`` (when the dense combine matrix is at most 64x
+        the entries) instead of one bias row per entry.
+        """
+        self.check_call(x, routing)
+        plan = ExpertDispatch.plan(routing)
+        xs = plan.gather(x)
+        if not self._weights_hidden_rows(x, routing):
+            return plan.combine(self.run_sorted(xs, plan.segments), x.shape[0], x.dtype)
+        kernel = self.kernel(xs)
+        try:
+            ys = self._ffn(xs, plan.segments, kernel, row_weight=plan.weight, output_bias=False)
+        except RuntimeError:
+            if kernel != "grouped" or self.grouped_gemm is True:
+                raise
+            return plan.combine(self.run_sorted(xs, plan.segments), x.shape[0], x.dtype)
+        y = x.new_zeros((x.shape[0], self.d_model)).index_add(0, plan.token, ys)
+        if self.b_out is not None:
+            y = y + routing.to_dense().to(x.dtype) @ self.b_out
+        return y
+
+    def _weights_hidden_rows(self, x: Tensor, routing: Routing) -> bool:
+        if self.d_hidden >= self.d_model or x.dtype in (torch.float16, torch.bfloat16):
+            return False
+        dense = routing.num_tokens * routing.num_experts
+        return self.b_out is None or dense <= 64 * max(routing.num_entries, 1)
+
+    def _ffn(
+        self,
+        xs: Tensor,
+        segments: ExpertSegments,
+        kernel: str,
+        *,
+        row_weight: Tensor | None = None,
+        output_bias: bool = True,
+    ) -> Tensor:
+        """The FFN of sorted rows ``xs [N, d]``; ``row_weight [N]`` scales each hidden row
+        before the output projection; ``output_bias=False`` leaves ``b_out`` out."""
         h = grouped_linear(xs, self.w_in, self.b_in, segments, kernel)
         if self.activation == "swiglu":
             assert self.w_gate is not None
@@ -675,7 +717,10 @@ class FFNExperts(Experts):
             h = F.relu(h, inplace=True)  # h is not saved by its producer
         else:
             h = _ACTIVATION_FNS[self.activation](h)
-        return grouped_linear(h, self.w_out, self.b_out, segments, kernel)
+        if row_weight is not None:
+            h = h * row_weight.to(h.dtype).unsqueeze(1)
+        bias = self.b_out if output_bias else None
+        return grouped_linear(h, self.w_out, bias, segments, kernel)
 
     def loop_forward(self, x: Tensor, routing: Routing) -> Tensor:
         """Reference: the plain per-expert loop (:meth:`ExpertDispatch.run_segments`,

@@ -107,6 +107,7 @@ __all__ = [
     "reindex_experts",
     "reindex_moe",
     "router_surgery",
+    "stacked_tensors",
     "successor_pairs",
     "transfer_optimizer_state",
     "upcycle_ffn",
@@ -117,8 +118,6 @@ MASK_LOGIT = -1.0e4
 
 GATE_INITS = ("masked", "copy", "scratch")
 EXPERT_INITS = ("copy", "scratch")
-
-_FFN_PARAMS = ("w_in", "w_out", "w_gate", "b_in", "b_out")
 
 
 # ---------------------------------------------------------------------- the plan
@@ -580,9 +579,21 @@ register_router_surgery(HashRouter, HashSurgery())
 
 
 # ---------------------------------------------------------------------- experts
-def expert_param_names(experts: FFNExperts) -> list[str]:
-    """The names of an FFNExperts' stacked parameters ``[E, ...]`` that exist."""
-    return [n for n in _FFN_PARAMS if getattr(experts, n, None) is not None]
+def stacked_tensors(experts: Experts) -> dict[str, Tensor] | None:
+    """The executor's per-expert tensors ``{name: [E, ...]}``
+    (:meth:`routelab.experts.Experts.expert_tensors`: FFNExperts and every executor that
+    stacks its experts), or None for executors of separate modules (ModuleExperts)."""
+    try:
+        return experts.expert_tensors()
+    except (TypeError, AttributeError, NotImplementedError):
+        return None
+
+
+def expert_param_names(experts: Experts) -> list[str]:
+    """The names of an executor's stacked parameters ``[E, ...]`` (empty for
+    ModuleExperts)."""
+    tensors = stacked_tensors(experts) or {}
+    return [n for n, t in tensors.items() if isinstance(t, nn.Parameter)]
 
 
 def reindex_experts(
@@ -596,20 +607,55 @@ def reindex_experts(
     """A new executor whose expert j is a copy of old expert ``sources[j]`` (None: fresh).
 
     With ``groups`` (one list of old ids per new expert) new expert j is instead the
-    weighted average of its group's parameters, weights ``group_weights [E_old]``
-    normalised within each group (MC-SMoE's frequency-weighted merge). ``FFNExperts``
-    stacks and ``ModuleExperts`` lists are both handled; fresh experts are initialised
-    by the executor's own initialiser under ``torch.manual_seed(seed)`` (the global RNG
-    is restored afterwards).
+    weighted average of its group's floating tensors, weights ``group_weights [E_old]``
+    normalised within each group (MC-SMoE's frequency-weighted merge; other tensors are
+    taken from ``sources[j]``). Stacked executors (FFNExperts and any executor with
+    ``expert_tensors`` / ``with_expert_tensors``: every per-expert tensor, one added later
+    included) and ``ModuleExperts`` lists are handled; fresh experts are initialised by
+    the executor's own ``reset_parameters`` under ``torch.manual_seed(seed)`` (the global
+    RNG is restored afterwards).
     """
-    E_new = len(sources) if groups is None else len(groups)
+    if groups is not None and len(groups) != len(sources):
+        raise ValueError(f"groups ({len(groups)}) and sources ({len(sources)}) must match")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if isinstance(experts, FFNExperts):
-            return _reindex_ffn(experts, sources, groups, group_weights, E_new)
+        tensors = stacked_tensors(experts)
+        if tensors is not None:
+            return _reindex_stacked(experts, tensors, sources, groups, group_weights)
         if isinstance(experts, ModuleExperts):
             return _reindex_modules(experts, sources, groups, group_weights)
-    raise TypeError(f"experts must be FFNExperts or ModuleExperts, got {type(experts).__name__}")
+    raise TypeError(
+        f"experts must stack its experts (expert_tensors) or be ModuleExperts, got "
+        f"{type(experts).__name__}"
+    )
+
+
+def _fresh_tensors(experts: Experts, count: int) -> dict[str, Tensor]:
+    """``count`` freshly initialised experts of the executor's kind, as stacked tensors."""
+    fresh = experts.select_experts([0] * count)
+    reset = getattr(fresh, "reset_parameters", None)
+    if not callable(reset):
+        raise ValueError(
+            f"{type(experts).__name__} has no reset_parameters: grow it with init='copy'"
+        )
+    reset()
+    return fresh.expert_tensors()
+
+
+def _reindex_stacked(experts, tensors, sources, groups, group_weights) -> Experts:
+    E_new = len(sources)
+    mix = None if groups is None else _group_mix(groups, group_weights, experts.num_experts)
+    fresh = _fresh_tensors(experts, E_new) if any(s is None for s in sources) else {}
+    new: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name, old in tensors.items():
+            if mix is not None and old.is_floating_point():
+                merged = torch.einsum("ge,e...->g...", mix.to(old.device), old.double())
+                new[name] = merged.to(old.dtype)
+                continue
+            rows = [old[s] if s is not None else fresh[name][j] for j, s in enumerate(sources)]
+            new[name] = torch.stack(rows)
+    return experts.with_expert_tensors(new)
 
 
 def _group_mix(groups: Sequence[Sequence[int]], weights: Tensor | None, E_old: int) -> Tensor:
@@ -621,23 +667,6 @@ def _group_mix(groups: Sequence[Sequence[int]], weights: Tensor | None, E_old: i
         total = float(w[idx].sum())
         mix[g, idx] = w[idx] / total if total > 0 else 1.0 / len(members)
     return mix
-
-
-def _reindex_ffn(experts, sources, groups, group_weights, E_new) -> FFNExperts:
-    new = experts.with_num_experts(E_new)
-    mix = None if groups is None else _group_mix(groups, group_weights, experts.num_experts)
-    with torch.no_grad():
-        for name in expert_param_names(experts):
-            old, target = getattr(experts, name), getattr(new, name)
-            if mix is not None:
-                merged = torch.einsum("ge,e...->g...", mix.to(old.device), old.double())
-                target.copy_(merged.to(old.dtype))
-                continue
-            for j, source in enumerate(sources):
-                if source is not None:
-                    target[j].copy_(old[source])
-            target.requires_grad_(old.requires_grad)
-    return new
 
 
 def _reindex_modules(experts, sources, groups, group_weights) -> ModuleExperts:
@@ -726,10 +755,22 @@ def reindex_moe(
         moe.experts, sources, groups=groups, group_weights=group_weights, seed=seed
     )
     policies = [_reindex_policy(p, plan) for p in moe.policies]
-    new = MoE(router, experts, policies)
-    new.train(moe.training)
+    new = _rebuild(moe, router, experts, policies)
     id_map = torch.tensor([-1 if r is None else r for r in plan.redirect], dtype=torch.long)
     return Reindexed(new, tuple(sources), id_map)
+
+
+def _rebuild(moe: MoE, router: Router, experts: Experts, policies: Sequence[nn.Module]) -> MoE:
+    """A copy of ``moe`` (its class, mode, shared experts and any other state deep-copied)
+    with ``router``, ``experts`` and ``policies`` in place of its own."""
+    if router.num_experts != experts.num_experts:
+        raise ValueError(f"router has {router.num_experts} experts, executor {experts.num_experts}")
+    memo = {
+        id(moe.router): router,
+        id(moe.experts): experts,
+        id(moe.policies): nn.ModuleList(policies),
+    }
+    return copy.deepcopy(moe, memo)
 
 
 def _most_loaded(loads: Tensor | None, n: int, E: int) -> list[int]:
@@ -779,6 +820,8 @@ def grow_experts(
             ``"scratch"`` (drawn per entry from the old columns' mean and std).
         mask_logit: the masked columns' bias (default :data:`MASK_LOGIT`; a moderate value
             such as -10 keeps them almost unchosen but learnable through the softmax).
+            Exactness needs ``exp(mask_logit / temperature - max logit)`` to underflow to 0
+            in fp32: for SoftmaxGate's temperature tau, ``mask_logit / tau < -104``.
         noise: relative noise on copied gate columns (in units of the columns' std).
         loads: recorded load per expert ``[E]`` (chooses copy sources).
         token_counts: token frequencies ``[V]`` for hash re-balancing.
@@ -817,7 +860,7 @@ def grow_experts(
     if init == "scratch" and is_hash:
         # the hash surgery named donors: fresh experts stay fresh
         experts = reindex_experts(moe.experts, plan.sources, seed=seed)
-        return MoE(result.moe.router, experts, list(result.moe.policies)).train(moe.training)
+        return _rebuild(result.moe, result.moe.router, experts, list(result.moe.policies))
     return result.moe
 
 
@@ -916,11 +959,11 @@ def merge_experts(
         raise ValueError("give exactly one of num_groups or groups")
     if groups is None:
         if features is None:
-            ex = moe.experts
-            if not isinstance(ex, FFNExperts):
+            stacked = stacked_tensors(moe.experts)
+            if stacked is None:
                 raise ValueError("pass features=[E, F] to group ModuleExperts")
             features = torch.cat(
-                [getattr(ex, n).detach().reshape(E, -1) for n in expert_param_names(ex)], dim=1
+                [t.detach().reshape(E, -1).double() for t in stacked.values()], dim=1
             )
         if features.shape[0] != E:
             raise ValueError(f"features must be [E, F] with E = {E}, got {tuple(features.shape)}")
@@ -1038,8 +1081,9 @@ class Freeze:
         frozen = torch.zeros(E, dtype=torch.bool)
         frozen[self.frozen] = True
         targets: list[tuple[Tensor, int]] = []
-        if isinstance(moe.experts, FFNExperts):
-            targets += [(getattr(moe.experts, n), 0) for n in expert_param_names(moe.experts)]
+        stacked = stacked_tensors(moe.experts)
+        if stacked is not None:
+            targets += [(t, 0) for t in stacked.values()]
         elif isinstance(moe.experts, ModuleExperts):
             for e in self.frozen:
                 moe.experts.experts[e].requires_grad_(False)
@@ -1229,8 +1273,7 @@ def successor_pairs(
     if len(sources) != new.num_experts:
         raise ValueError(f"sources must name {new.num_experts} experts, got {len(sources)}")
     axes: dict[str, int] = {}
-    if isinstance(old.experts, FFNExperts) and isinstance(new.experts, FFNExperts):
-        axes.update({f"experts.{n}": 0 for n in expert_param_names(old.experts)})
+    axes.update({f"experts.{n}": 0 for n in expert_param_names(old.experts)})
     for name, axis in router_surgery(old.router).expert_axes(old.router).items():
         axes[f"router.{name}"] = axis
     old_params = dict(old.named_parameters())

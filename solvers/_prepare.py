@@ -49,7 +49,8 @@ class Working:
         exponent: k; prices and gaps of W are ``2**-k`` times those of S.
         integral: whether the sampled rows of W are integers (heuristics only: early
             certification for the many ties of integer scores).
-        spread: ``max(C) - min(C)``.
+        spread: the scale of the epsilons and the temperature: ``max(W) - min(W)`` when
+            nothing was clipped, else ``window`` (the spread of C).
         magnitude: ``sum_t min(max_e |W_te|, r_t)`` with ``r_t`` the row's score range
             ``max_e W_te - min_e W_te`` clamped to the window (both over the finite scores
             of the window): the scale of the auction's tolerance. At most
@@ -129,7 +130,10 @@ def prepare(ops: Any, S: Any, forbidden: bool) -> Working:
     lowest = float(row_min.min())
     clipped_any = forbidden or lowest < -window
     clipped = ops.clip_min(shifted, -window) if clipped_any else shifted
-    spread = window if forbidden else min(window, -lowest)  # forbidden pairs sit at -window
+    if clipped_any:  # C spans [-window, 0]: forbidden pairs and outliers sit at -window
+        spread = window
+    else:  # max(S) - min(S), as if nothing were shifted: the epsilons the methods were tuned on
+        spread = float(best_host.max() - (best_host + row_min).min())
     reach = np.minimum(-row_min, window)  # each row's score range, clamped to the window
     low_end = best_host - reach
     magnitude = float(np.minimum(np.maximum(np.abs(best_host), np.abs(low_end)), reach).sum())

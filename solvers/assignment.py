@@ -396,22 +396,25 @@ def _solve_auction(ops, work: Working, cap, cap_x, *, tol, eps_start, factor, sw
     return ops.from_numpy(own, work.scaled), ops.from_numpy(p_host, work.scaled), rounds
 
 
-def _greedy_with_certificate(ops, work: Working, cap, cap_x, W_rounding):
-    """Capacity-aware greedy on ``W_rounding`` (stuck tokens placed by augmenting paths),
-    with the better of zero prices and its exchange-graph prices as certificate."""
-    owner, rounds = greedy(ops, W_rounding, cap_x)
-    W = ops.to_numpy(work.shifted)
+def _greedy_placing_all(ops, work: Working, cap, cap_x, values):
+    """Capacity-aware greedy on ``values [T, E]``; with forbidden pairs, the tokens it
+    leaves stuck are placed by augmenting paths. Returns ``(assignment, rounds)``."""
+    owner, rounds = greedy(ops, values, cap_x)
     if work.forbidden:
+        W = ops.to_numpy(work.shifted)
         own, paths = _place_left_over(W, cap, ops.to_numpy(owner).copy())
         owner, rounds = ops.from_numpy(own, work.scaled), rounds + paths
-    return owner, rounds, W
+    return owner, rounds
 
 
 def _solve_greedy(ops, work: Working, cap, cap_x):
-    owner, rounds, W = _greedy_with_certificate(ops, work, cap, cap_x, work.scaled)
+    """Greedy by descending score, certified by the better of zero prices and the
+    exchange-graph prices of its assignment."""
+    owner, rounds = _greedy_placing_all(ops, work, cap, cap_x, work.scaled)
+    W = ops.to_numpy(work.shifted)
     p_graph = ops.from_numpy(prices_from_assignment(W, cap, ops.to_numpy(owner)), work.scaled)
-    E = W.shape[1]
-    prices, _ = duals_for(ops, work.shifted, cap_x, owner, [ops.full(E, 0.0), p_graph])
+    candidates = [ops.full(W.shape[1], 0.0), p_graph]
+    prices, _ = duals_for(ops, work.shifted, cap_x, owner, candidates)
     return owner, prices, rounds
 
 
@@ -430,7 +433,7 @@ def _solve_sinkhorn(ops, work: Working, cap, cap_x, *, temperature, max_iter, to
     p = -g
     p = p - p.min()
     p_x = ops.from_numpy(p, work.scaled) if on_host else p
-    owner, _, _ = _greedy_with_certificate(ops, work, cap, cap_x, work.shifted - p_x)
+    owner, _ = _greedy_placing_all(ops, work, cap, cap_x, work.shifted - p_x)
     prices, _ = duals_for(ops, work.shifted, cap_x, owner, [p_x, ops.full(E, 0.0)])
     return owner, prices, iterations
 

@@ -192,7 +192,12 @@ def test_seeded_runs_repeat_in_process_and_in_workers(digits):
     b = train_and_measure(REGISTRY["noisy-top2"], settings.load("digits"), settings)
     assert a.metric == b.metric and a.cv_history == b.cv_history
     assert torch.equal(a.table, b.table)
-    jobs = [Job("digits", "noisy-top2"), Job("digits", "switch-cf1.0", (("capacity_factor", 2.0),))]
+    custom = CompareRow("custom-top1", TopKGate, {"k": 1})  # not registered: travels as is
+    jobs = [
+        Job("digits", "noisy-top2"),
+        Job("digits", "switch-cf1.0", (("capacity_factor", 2.0),)),
+        Job("digits", custom),
+    ]
     serial = run_jobs(jobs, settings, workers=1)
     parallel = run_jobs(jobs, settings, workers=2)
     assert serial[0].metric == a.metric
@@ -200,3 +205,6 @@ def test_seeded_runs_repeat_in_process_and_in_workers(digits):
         assert x.router == y.router and x.metric == y.metric
         assert x.cv_history == y.cv_history and torch.equal(x.table, y.table)
     assert "capacity_factor=2.0" in serial[1].configuration
+    assert parallel[2].router == "custom-top1" and parallel[2].chosen.num_entries > 0
+    with pytest.raises(ValueError, match="unknown router"):
+        Job("digits", "nope")

@@ -98,3 +98,18 @@ def test_cli_rejects_bad_arguments(capsys):
         main(["lifelong", "--steps", "0"])
     assert err.value.code == 2
     assert "routelab: error" in capsys.readouterr().err
+    assert main(["lifelong", "--methods", "dense,ewc"]) == 2
+    assert "unknown ewc" in capsys.readouterr().err
+
+
+def test_a_seeded_run_repeats_exactly_and_one_method_runs_alone(tmp_path):
+    settings = LifelongSettings.quick_settings(seed=3)
+    stream = load_stream("digits", settings)
+    first = run_method(stream, "lifelong-moe-replay", settings)
+    again = run_method(load_stream("digits", settings), "lifelong-moe-replay", settings)
+    assert first.matrix == again.matrix and first.initial == again.initial
+    out = tmp_path / "one"
+    argv = ["lifelong", "--quick", "--stream", "digits", "--methods", "moe-finetune"]
+    assert main([*argv, "--no-prune", "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["method"] for r in metrics["streams"]["digits"]["results"]] == ["moe-finetune"]

@@ -366,11 +366,12 @@ def test_module_experts_validation():
 
 
 @pytest.mark.slow
-def test_compiled_moe_fullgraph_equals_eager():
+@pytest.mark.parametrize("d_hidden", [4, 12])  # weights on the hidden rows, or on the output
+def test_compiled_moe_fullgraph_equals_eager(d_hidden):
     """torch.compile(MoE, fullgraph=True) with validation off: no graph break (no host
     sync for the expert counts), the same output and gradients as eager."""
     torch.manual_seed(4)
-    moe = MoE(TopKGate(8, 4, k=2), FFNExperts(4, 8, 12))
+    moe = MoE(TopKGate(8, 4, k=2), FFNExperts(4, 8, d_hidden))
     x = torch.randn(10, 8)
     grad = torch.randn(10, 8)
 

@@ -75,8 +75,9 @@ ROUTERS = {
     "top_p": lambda E: TopPGate(D, E, p=0.6),
     "remoe": lambda E: ReMoEGate(D, E, k=2),
     "topk_router_selection_bias": lambda E: TopKRouter(D, E, k=2, selection_bias=True),
+    "noisy_topk": lambda E: NoisyTopKGate(D, E, k=2),
 }
-MASKABLE = sorted(set(ROUTERS) - {"topk_router_selection_bias"})
+MASKABLE = sorted(set(ROUTERS) - {"topk_router_selection_bias", "noisy_topk"})
 # routers whose preserved output is bit-exact; DSelect-k renormalises its selectors, and a
 # hash layer's moved tokens meet their expert's copy in another GEMM (other rounding)
 EXACT = {"topk", "topk_no_bias", "top1", "switch", "expert_choice", "top_p", "remoe"}
@@ -307,7 +308,18 @@ def _train_step(model, optimiser, x, ids=None):
     optimiser.step()
 
 
-@pytest.mark.parametrize("kind", ["topk", "switch", "softmax", "expert_choice"])
+# the router tensors that index experts, and their expert axis, per router kind
+GATE_TENSORS = {
+    "topk": {"router.proj.weight": 0, "router.proj.bias": 0},
+    "switch": {"router.proj.weight": 0},
+    "softmax": {"router.proj.weight": 0, "router.proj.bias": 0},
+    "expert_choice": {"router.proj.weight": 0, "router.proj.bias": 0},
+    "noisy_topk": {"router.w_gate": 1, "router.w_noise": 1},
+    "topk_router_selection_bias": {"router.weight": 1},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GATE_TENSORS))
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_a_training_step_leaves_frozen_experts_and_gate_columns_bit_identical(kind, opt):
     grown = grow_experts(_layer(kind), 2, gate="scratch", init="scratch", seed=1)
@@ -319,17 +331,16 @@ def test_a_training_step_leaves_frozen_experts_and_gate_columns_bit_identical(ki
         else torch.optim.Adam(grown.parameters(), lr=0.1)
     )
     for step in range(3):
-        _train_step(
-            grown, optimiser, torch.randn(32, D, generator=torch.Generator().manual_seed(step))
-        )
+        x = torch.randn(32, D, generator=torch.Generator().manual_seed(step))
+        _train_step(grown, optimiser, x)
     after = grown.state_dict()
-    for name in ("experts.w_in", "experts.w_out", "experts.b_in", "experts.b_out"):
-        assert torch.equal(after[name][:4], before[name][:4]), name
-        assert not torch.equal(after[name][4:], before[name][4:]), name
-    for name in ("router.proj.weight", "router.proj.bias")[: 1 if kind == "switch" else 2]:
-        assert torch.equal(after[name][:4], before[name][:4]), name
-        assert not torch.equal(after[name][4:], before[name][4:]), name
-    assert len(freeze.parameters) == (5 if kind == "switch" else 6)
+    tensors = {f"experts.{n}": 0 for n in ("w_in", "w_out", "b_in", "b_out")}
+    tensors.update(GATE_TENSORS[kind])
+    for name, axis in tensors.items():
+        old, new = before[name].movedim(axis, 0), after[name].movedim(axis, 0)
+        assert torch.equal(new[:4], old[:4]), name
+        assert not torch.equal(new[4:], old[4:]), name
+    assert len(freeze.parameters) == len(tensors)
 
 
 def test_weight_decay_needs_the_guard_which_keeps_frozen_slices_exact():
@@ -548,3 +559,34 @@ def test_remoe_growth_moves_its_target_sparsity():
     assert grown.router.controller.target_sparsity == pytest.approx(1 - 2 / 8)
     with pytest.raises(ValueError, match="k = 2 < num_experts"):
         prune_experts(moe, torch.ones(4), num_remove=2)
+
+
+def test_shared_experts_and_the_layer_class_survive_the_lifecycle():
+    from routelab.moe import SharedExperts
+
+    torch.manual_seed(0)
+    moe = MoE(
+        TopKGate(D, 4), FFNExperts(4, D, H), shared_experts=SharedExperts(D, 8, num_experts=2)
+    )
+    x = torch.randn(7, D)
+    grown = grow_experts(moe, 2)
+    assert isinstance(grown.shared_experts, SharedExperts)
+    assert grown.shared_experts is not moe.shared_experts  # a copy, not shared
+    assert torch.equal(grown(x).output, moe(x).output)
+    pruned = prune_experts(moe, torch.tensor([1.0, 2.0, 3.0, 4.0]), num_remove=1).moe
+    assert torch.equal(pruned.shared_experts.ffn.w_in, moe.shared_experts.ffn.w_in)
+
+
+def test_every_per_expert_tensor_of_a_stacked_executor_is_reindexed():
+    class ScaledExperts(FFNExperts):  # an executor with one more per-expert tensor
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("scale", torch.arange(float(self.num_experts)))
+
+    torch.manual_seed(0)
+    moe = MoE(TopKGate(D, 4), ScaledExperts(4, D, H))
+    grown = grow_experts(moe, 2, sources=[3, 1])
+    assert isinstance(grown.experts, ScaledExperts)
+    assert grown.experts.scale.tolist() == [0.0, 1.0, 2.0, 3.0, 3.0, 1.0]
+    merged = merge_experts(moe, torch.tensor([1.0, 1.0, 3.0, 1.0]), groups=[[0, 1], [2, 3]])
+    assert merged.moe.experts.scale.tolist() == [0.5, 2.25]  # frequency-weighted
