@@ -191,8 +191,8 @@ def _build_checked(row: Any, d_model: int, num_experts: int, data: Any) -> Any:
         return row.build_layer(d_model, num_experts, data)
     except (ValueError, TypeError) as err:
         raise UsageError(
-            f"router {row.name!r} cannot run with --experts {num_experts} --d-model {d_model}: "
-            f"{err}"
+            f"router {row.name!r} cannot run with --experts {num_experts} --d-model {d_model} "
+            f"as {row.configuration()}: {err}"
         ) from None
 
 
@@ -326,13 +326,15 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _parse_grid(specs: list[str]) -> dict[str, list[float]]:
-    grid: dict[str, list[float]] = {}
+    grid: dict[str, list[float]] = {}  # int or float values
     for spec in specs:
         name, sep, values = spec.partition("=")
         if not sep or not name or not values:
             raise UsageError(f"--grid takes OPTION=v1,v2,...; got {spec!r}")
-        try:
-            numbers = [float(v) for v in values.split(",")]
+        try:  # "10" is an int, "0.5" or "1e-3" a float
+            numbers = [
+                int(v) if v.strip().lstrip("+-").isdigit() else float(v) for v in values.split(",")
+            ]
         except ValueError:
             raise UsageError(f"--grid values must be numbers, got {spec!r}") from None
         if not all(math.isfinite(v) for v in numbers):

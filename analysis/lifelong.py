@@ -155,6 +155,7 @@ class LifelongSettings:
     tokens_per_family: int = 60_000
     eval_tokens: int = 4096
     prune_steps: int = 300
+    recover_steps: int = 30
     seed: int = 0
     quick: bool = False
 
@@ -169,6 +170,7 @@ class LifelongSettings:
             tokens_per_family=3000,
             eval_tokens=256,
             prune_steps=8,
+            recover_steps=2,
             seed=seed,
             quick=True,
         )
@@ -625,14 +627,22 @@ def prune_merge_study(dataset: str, settings: LifelongSettings) -> dict[str, Any
             merge_experts(m, torch.ones(E), num_groups=keep, features=probs[j].t()).moe
         ),
     }
-    rows = [{"variant": f"trained (E = {E})", "experts": E, "metric": evaluate(model, phase, hib)}]
-    for name, make in variants.items():
-        smaller = _replace_layers(model, make)
-        rows.append({"variant": name, "experts": keep, "metric": evaluate(smaller, phase, hib)})
+    recover = data.train_batches[: settings.recover_steps]
+
+    def row(name: str, experts: int, candidate: nn.Module) -> dict[str, Any]:
+        before = evaluate(candidate, phase, hib)
+        _train(candidate, recover, settings.lr)  # every row: the same extra steps
+        return {"variant": name, "experts": experts, "metric": before,
+                "after_recovery": evaluate(candidate, phase, hib)}  # fmt: skip
+
+    smaller = {name: _replace_layers(model, make) for name, make in variants.items()}
+    rows = [row(f"trained (E = {E})", E, model)]
+    rows += [row(name, keep, candidate) for name, candidate in smaller.items()]
     return {
         "dataset": dataset,
         "metric_name": data.metric,
         "rows": rows,
+        "recover_steps": len(recover),
         "loads": [lo.tolist() for lo in loads],
     }
 
@@ -694,9 +704,16 @@ def matrix_table(stream: Stream, result: MethodResult) -> str:
 
 
 def _prune_table(study: dict[str, Any]) -> str:
-    lines = [f"| variant | experts | {study['metric_name']} |", "|---|---|---|"]
+    recovery = "after_recovery" in study["rows"][0]
+    head = f"| variant | experts | {study['metric_name']} |"
+    if recovery:
+        head += f" after {study['recover_steps']} more steps |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in study["rows"]:
-        lines.append(f"| {row['variant']} | {row['experts']} | {row['metric']:.3f} |")
+        line = f"| {row['variant']} | {row['experts']} | {row['metric']:.3f} |"
+        if recovery:
+            line += f" {row['after_recovery']:.3f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -808,7 +825,9 @@ def _report(
             "",
             "A top-k MoE trained on the `routelab compare` data; loads and router "
             "probabilities recorded on 8 training batches; half the experts of every layer "
-            "removed, no fine-tuning afterwards.",
+            "removed; the metric right after, and after the same few more training steps "
+            "(the first training batches again) for every row, the trained model included, "
+            "each with a fresh Adam.",
         ]
         for study in studies:
             lines += ["", f"### {study['dataset']}", "", _prune_table(study)]

@@ -296,6 +296,8 @@ def _like(option: SweepOption, value: Any) -> Any:
         if not value.is_integer():
             raise ValueError(f"option {option.name!r} takes whole numbers, got {value!r}")
         return int(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     return value
 
 

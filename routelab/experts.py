@@ -217,12 +217,19 @@ def _grouped_linear_impl(
 ) -> Tensor:
     if kernel == "grouped":
         out = torch._grouped_mm(xs, weight, offs=torch.cumsum(counts, 0).to(torch.int32))
-        if bias is not None:
-            row_expert = torch.repeat_interleave(
-                torch.arange(counts.shape[0], device=counts.device), counts, output_size=len(xs)
-            )
-            out += bias.index_select(0, row_expert)
-        return out
+        if bias is None:
+            return out
+        if _per_segment_bias(xs):  # a broadcast add per segment, no [N, b] bias rows
+            start = 0
+            for e, n in enumerate(_segment_sizes(counts)):
+                if n:
+                    out[start : start + n] += bias[e]
+                start += n
+            return out
+        row_expert = torch.repeat_interleave(
+            torch.arange(counts.shape[0], device=counts.device), counts, output_size=len(xs)
+        )
+        return out.add_(bias.index_select(0, row_expert))
     out = xs.new_empty((xs.shape[0], weight.shape[2]))
     start = 0
     for e, n in enumerate(_segment_sizes(counts)):
@@ -234,6 +241,25 @@ def _grouped_linear_impl(
                 torch.addmm(bias[e], rows, weight[e], out=target)
         start += n
     return out
+
+
+def _per_segment_bias(xs: Tensor) -> bool:
+    """Biases per segment (a loop over the host sizes: no ``[N, b]`` gather, measured
+    faster on CPU) or per row (one gather, no host sync: for accelerators)."""
+    return xs.device.type == "cpu"
+
+
+def _segment_bias_grad(grad: Tensor, sizes: list[int], num_experts: int) -> Tensor:
+    """``[E, b]``: the sum of each segment's gradient rows (0 for an empty one)."""
+    grad_b = grad.new_empty((num_experts, grad.shape[1]))
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            torch.sum(grad[start : start + n], 0, out=grad_b[e])
+        else:
+            grad_b[e].zero_()
+        start += n
+    return grad_b
 
 
 def _grouped_linear_grads(
@@ -256,18 +282,20 @@ def _grouped_linear_grads(
         grad_x = torch._grouped_mm(grad, weight.transpose(-2, -1), offs=offs) if need_x else none
         grad_w = torch._grouped_mm(xs.t(), grad, offs=offs) if need_w else none
         grad_b = none
-        if need_b:
+        if need_b and _per_segment_bias(xs):
+            grad_b = _segment_bias_grad(grad, _segment_sizes(counts), weight.shape[0])
+        elif need_b:
             row_expert = torch.repeat_interleave(
                 torch.arange(counts.shape[0], device=counts.device), counts, output_size=len(xs)
             )
             grad_b = grad.new_zeros((weight.shape[0], weight.shape[2]))
             grad_b.index_add_(0, row_expert, grad)
         return grad_x, grad_w, grad_b
+    sizes = _segment_sizes(counts)
     grad_x = torch.empty_like(xs) if need_x else none
     grad_w = torch.empty_like(weight) if need_w else none
-    grad_b = grad.new_empty((weight.shape[0], weight.shape[2])) if need_b else none
     start = 0
-    for e, n in enumerate(_segment_sizes(counts)):
+    for e, n in enumerate(sizes):
         g = grad[start : start + n]
         if n and need_x:
             torch.mm(g, weight[e].t(), out=grad_x[start : start + n])
@@ -276,12 +304,8 @@ def _grouped_linear_grads(
                 torch.mm(xs[start : start + n].t(), g, out=grad_w[e])
             else:
                 grad_w[e].zero_()
-        if need_b:
-            if n:
-                torch.sum(g, 0, out=grad_b[e])
-            else:
-                grad_b[e].zero_()
         start += n
+    grad_b = _segment_bias_grad(grad, sizes, weight.shape[0]) if need_b else none
     return grad_x, grad_w, grad_b
 
 

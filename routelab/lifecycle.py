@@ -864,6 +864,16 @@ def grow_experts(
     return result.moe
 
 
+def _shrink_arguments(moe: MoE, loads: object, **either: object) -> tuple[int, Tensor]:
+    """Validate a prune / merge call: the layer, its loads ``[E]`` and exactly one of the
+    two ``either`` options; returns ``(E, loads as float64)``."""
+    _check_moe(moe)
+    E = moe.num_experts
+    if sum(v is not None for v in either.values()) != 1:
+        raise ValueError(f"give exactly one of {' or '.join(either)}")
+    return E, _check_loads(loads, E)
+
+
 def prune_experts(
     moe: MoE,
     loads: Tensor,
@@ -881,11 +891,7 @@ def prune_experts(
     tokens to the least-loaded kept ones). Returns :class:`Reindexed` with ``id_map[e]``
     the new id of old expert e, or -1.
     """
-    _check_moe(moe)
-    E = moe.num_experts
-    loads_t = _check_loads(loads, E)
-    if (num_remove is None) == (keep is None):
-        raise ValueError("give exactly one of num_remove or keep")
+    E, loads_t = _shrink_arguments(moe, loads, num_remove=num_remove, keep=keep)
     if keep is None:
         num_remove = require_int("num_remove", num_remove, 0, E - 1)
         order = sorted(range(E), key=lambda e: (float(loads_t[e]), -e))
@@ -952,11 +958,7 @@ def merge_experts(
     chose a dropped member now choose among the remaining columns. ``id_map[e]`` is the
     merged expert old expert e went into (a hash table redirects e's tokens there).
     """
-    _check_moe(moe)
-    E = moe.num_experts
-    loads_t = _check_loads(loads, E)
-    if (num_groups is None) == (groups is None):
-        raise ValueError("give exactly one of num_groups or groups")
+    E, loads_t = _shrink_arguments(moe, loads, num_groups=num_groups, groups=groups)
     if groups is None:
         if features is None:
             stacked = stacked_tensors(moe.experts)
@@ -1097,7 +1099,7 @@ class Freeze:
             shape = [1] * param.dim()
             shape[axis] = E
             keep = (~frozen).view(shape).to(device=param.device)
-            self._handles.append(param.register_hook(lambda g, keep=keep: g * keep.to(g.dtype)))
+            self._handles.append(param.register_hook(lambda g, keep=keep: _masked(g, keep)))
             self._slices.append((param, keep, param.detach().clone()))
 
     @property
@@ -1125,6 +1127,11 @@ class Freeze:
         for module in self._modules:
             module.requires_grad_(True)
         self._modules.clear()
+
+
+def _masked(grad: Tensor, keep: Tensor) -> Tensor:
+    """The gradient with frozen slices set to exactly 0 (also where it is NaN or inf)."""
+    return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
 def freeze_experts(moe: MoE, experts: Iterable[int], *, gate: bool = True) -> Freeze:

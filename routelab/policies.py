@@ -1,12 +1,17 @@
 """Policies: ``Routing -> Routing`` transforms that compose with any router.
 
-A policy is an ``nn.Module`` (it may hold state, e.g. running loads) whose
-``forward(routing)`` returns a new Routing over the same tokens and experts.
-``MoE(router, experts, policies=[...])`` applies them in order.
+A policy is an ``nn.Module`` whose ``forward(routing)`` returns a new Routing over the
+same tokens and experts (Routings are immutable: build the result, never edit the input).
+``MoE(router, experts, policies=[...])`` applies them in order. A policy with state
+(running loads, a bias) also subclasses :class:`routelab.balancing.BalancingState`: it
+observes in ``forward`` and changes its state only in the explicit update step
+(``update_balancing(model, group)`` after ``optimizer.step()``). Every policy passes
+:class:`routelab.testing.PolicyContract`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
@@ -393,20 +398,9 @@ def pause_experts(routing: Routing, paused: Tensor, *, reroute: bool = True) -> 
         kept_weight = torch.where(keep, weight, torch.zeros_like(weight))
         total = _per_token_sum(routing, kept_weight)[routing.token]
         weight = torch.where(total > 0, weight / torch.where(total > 0, total, 1.0), weight)
-    changed = Routing(
-        token=routing.token,
-        expert=expert,
-        weight=weight,
-        num_tokens=routing.num_tokens,
-        num_experts=routing.num_experts,
-        probs=routing.probs,
-        aux=routing.aux,
-        dropped=routing.dropped,
-        capacity=routing.capacity,
-    )
     removed = ~keep
     dropped = all_dropped(routing, removed) if bool(removed.any()) else routing.dropped
-    return changed.select(keep, dropped=dropped)
+    return dataclasses.replace(routing, expert=expert, weight=weight).select(keep, dropped=dropped)
 
 
 def _reroute(routing: Routing, paused: Tensor, hit: Tensor) -> tuple[Tensor, Tensor]:

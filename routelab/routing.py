@@ -99,8 +99,12 @@ class Routing:
     capacity: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "num_tokens", require_int("num_tokens", self.num_tokens, 0))
-        object.__setattr__(self, "num_experts", require_int("num_experts", self.num_experts, 1))
+        T = require_int("num_tokens", self.num_tokens, 0, INT64_MAX)
+        E = require_int("num_experts", self.num_experts, 1, INT64_MAX)
+        if T * E > INT64_MAX:  # (token, expert) pairs are indexed as token * E + expert
+            raise ValueError(f"num_tokens * num_experts = {T} * {E} does not fit in int64")
+        object.__setattr__(self, "num_tokens", T)
+        object.__setattr__(self, "num_experts", E)
         for name in ("token", "expert", "weight"):
             value = getattr(self, name)
             if not isinstance(value, Tensor):

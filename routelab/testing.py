@@ -13,6 +13,14 @@ rows, extreme scales, empty batches): ids in range, no duplicate pair, finite
 non-negative weights and the subclass's expectations; seeded runs repeat exactly;
 evaluation is repeatable; gradients reach the parameters of a differentiable router;
 a ``state_dict`` round trip reproduces the routing; wrong input gets a clear error.
+Whether gradients must reach the parameters is decided by :func:`probe_differentiable`
+(finite differences) or stated by the test class, never by the router's own flag.
+
+``PolicyContract`` is the same kit for policies (``Routing -> Routing`` modules)::
+
+    class TestMyPolicy(PolicyContract):
+        def make_policy(self, num_experts):
+            return MyPolicy(num_experts)
 """
 
 from __future__ import annotations

@@ -50,10 +50,11 @@ class Working:
         integral: whether the sampled rows of W are integers (heuristics only: early
             certification for the many ties of integer scores).
         spread: the scale of the epsilons and the temperature: ``max(W) - min(W)`` when
-            nothing was clipped, else ``window`` (the spread of C).
+            nothing was clipped, capped at ``window`` (row offsets do not count), else
+            ``window`` (the spread of C).
         magnitude: ``sum_t min(max_e |W_te|, r_t)`` with ``r_t`` the row's score range
-            ``max_e W_te - min_e W_te`` clamped to the window (both over the finite scores
-            of the window): the scale of the auction's tolerance. At most
+            ``max_e W_te - min_e W_te``, both over the row's scores within the window (an
+            outlier or a forbidden pair does not count): the scale of the auction's tolerance. At most
             ``sum_t max_e |W_te|``, and blind to row offsets (``1e300 + O(1)`` rows do not
             loosen the tolerance of the others).
     """
@@ -132,9 +133,14 @@ def prepare(ops: Any, S: Any, forbidden: bool) -> Working:
     clipped = ops.clip_min(shifted, -window) if clipped_any else shifted
     if clipped_any:  # C spans [-window, 0]: forbidden pairs and outliers sit at -window
         spread = window
-    else:  # max(S) - min(S), as if nothing were shifted: the epsilons the methods were tuned on
-        spread = float(best_host.max() - (best_host + row_min).min())
-    reach = np.minimum(-row_min, window)  # each row's score range, clamped to the window
+    else:  # max(S) - min(S) (the epsilons the methods were tuned on), but never beyond the
+        # window: row offsets (1e15 + O(1) rows) must not set the price scale
+        spread = min(float(best_host.max() - (best_host + row_min).min()), window)
+    if clipped_any:  # each row's range over its scores within the window
+        inside = ops.where(shifted < -window, 0.0, shifted)
+        reach = -ops.to_numpy(ops.row_min(inside))
+    else:
+        reach = -row_min
     low_end = best_host - reach
     magnitude = float(np.minimum(np.maximum(np.abs(best_host), np.abs(low_end)), reach).sum())
     return Working(

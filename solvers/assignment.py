@@ -99,8 +99,8 @@ def _optional_count(name: str, value: Any) -> int | None:
 
 
 def _switch(switch: int | None, T: int, most: int) -> int:
-    """The auction-to-augmenting-paths switch: given, or ``T // 128`` in ``[8, most]``."""
-    return min(max(T // 128, 8), most) if switch is None else switch
+    """The auction-to-augmenting-paths switch: given, or ``T // 64`` in ``[8, most]``."""
+    return min(max(T // 64, 8), most) if switch is None else switch
 
 
 def _at_least_one(name: str, value: Any) -> int:
@@ -173,18 +173,18 @@ def balanced_assignment(
             (cvxpy), ``"mincostflow"`` (networkx).
         options: per method.
             auction: ``tol`` (stop once ``gap_bound <= tol * M``, 1e-6, where
-            ``M = sum_t min(max_e |S_te|, range_t)``, ``range_t`` the row's score range
-            clamped to the outlier window of :mod:`solvers._prepare`: at most
+            ``M = sum_t min(max_e |S_te|, range_t)``, ``range_t`` the row's score range, both
+            over the scores within the outlier window of :mod:`solvers._prepare`: at most
             ``sum_t max_e |S_te|``, and neither a -1e300 outlier nor a row offset of 1e300
             makes the tolerance meaningless for the other tokens), ``eps_start`` (first epsilon,
             relative to the score spread, 1/32), ``factor`` (epsilon divisor per phase, 8),
             ``switch`` (free tokens at which a phase's tail is handed to augmenting paths;
-            default ``T // 128`` clamped to [8, 32]: below a thousand tokens a bidding
+            default ``T // 64`` clamped to [8, 32]: below a thousand tokens a bidding
             round is cheaper than an augmenting path, above it the tail is long).
             exact: the same for its auction phase, except ``tol`` (its last epsilon relative
             to the score spread, 1e-6; it only trades auction time against augmenting
             paths, the result is optimal either way), ``eps_start`` 1/128, ``switch``
-            ``T // 128`` clamped to [8, 64].
+            ``T // 64`` clamped to [8, 64].
             sinkhorn: ``temperature`` (relative to the score spread, >= 1e-12, 1e-2),
             ``max_iter`` (200), ``tol`` (column-marginal error per token, 1e-4).
             hungarian: ``max_entries`` (5e7). lp: ``solver`` (cvxpy solver name).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -87,6 +88,9 @@ def test_cli_writes_the_report_for_both_streams(tmp_path):
     assert "forgetting" in report and "lifelong-moe-replay" in report
     assert "prune least used" in report and "merge MC-SMoE" in report
     assert [s["dataset"] for s in metrics["prune_merge"]] == ["tokens", "digits"]
+    for study in metrics["prune_merge"]:
+        assert [r["experts"] for r in study["rows"]] == [8, 4, 4, 4, 4]
+        assert all(math.isfinite(r["after_recovery"]) for r in study["rows"])
     for study in metrics["upcycling"]:  # upcycling preserves the dense model's function
         dense, upcycled = study["rows"][0]["metric"], study["rows"][1]["metric"]
         assert upcycled == pytest.approx(dense, rel=1e-4)
@@ -113,3 +117,22 @@ def test_a_seeded_run_repeats_exactly_and_one_method_runs_alone(tmp_path):
     assert main([*argv, "--no-prune", "--out", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["method"] for r in metrics["streams"]["digits"]["results"]] == ["moe-finetune"]
+
+
+def test_the_readme_forgetting_tables_are_the_committed_run():
+    """README rows come from docs/lifelong/metrics.json (regenerate both together:
+    routelab lifelong --out docs/lifelong, then update the README tables)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    metrics = json.loads((root / "docs" / "lifelong" / "metrics.json").read_text())
+    readme = (root / "README.md").read_text()
+    for stream, with_forward in (("stdlib", True), ("digits", False)):
+        for r in metrics["streams"][stream]["results"]:
+            s = r["summary"]
+            cells = [r["method"], f"{s['final']:.3f}", f"{s['forgetting']:.3f}"]
+            if with_forward:
+                cells.append(f"{s['forward_transfer']:+.3f}")
+            cells.append(str(r["parameters"][-1]))
+            assert "| " + " | ".join(cells) + " |" in readme, (stream, r["method"])
+    assert metrics["settings"] == asdict(LifelongSettings())  # the default run

@@ -128,8 +128,10 @@ def test_segment_kernel_writes_weight_gradients_without_restacking():
     assert experts.w_in.grad.shape == (6, 5, 7)
 
 
+@pytest.mark.parametrize("per_segment_bias", [True, False])  # CPU's way, accelerators' way
 @pytest.mark.parametrize("kernel", ["grouped", "segment"])
-def test_grouped_linear_kernels_match_per_expert_matmuls(kernel):
+def test_grouped_linear_kernels_match_per_expert_matmuls(kernel, per_segment_bias, monkeypatch):
+    monkeypatch.setattr(routelab.experts, "_per_segment_bias", lambda xs: per_segment_bias)
     torch.manual_seed(1)
     counts = torch.tensor([3, 0, 5, 1])
     xs = torch.randn(9, 4, requires_grad=True)

@@ -112,6 +112,8 @@ CASES = [
     ("T negative", lambda: _r(T=-1), ValueError, "num_tokens"),
     ("T float", lambda: _r(T=2.0), TypeError, "num_tokens"),
     ("E zero", lambda: _r(E=0), ValueError, "num_experts"),
+    ("T 10**30", lambda: _r(T=10**30), ValueError, "num_tokens"),
+    ("T * E beyond int64", lambda: _r(T=2**40, E=2**40), ValueError, "does not fit"),
     ("E bool", lambda: _r(E=True), TypeError, "num_experts"),
     (
         "token list",

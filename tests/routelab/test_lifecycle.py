@@ -590,3 +590,64 @@ def test_every_per_expert_tensor_of_a_stacked_executor_is_reindexed():
     assert grown.experts.scale.tolist() == [0.0, 1.0, 2.0, 3.0, 3.0, 1.0]
     merged = merge_experts(moe, torch.tensor([1.0, 1.0, 3.0, 1.0]), groups=[[0, 1], [2, 3]])
     assert merged.moe.experts.scale.tolist() == [0.5, 2.25]  # frequency-weighted
+
+
+@settings(max_examples=15)
+@given(
+    E=st.integers(1, 6),
+    n=st.integers(1, 4),
+    vocab=st.integers(1, 60),
+    seed=st.integers(0, 10**6),
+)
+def test_hash_growth_only_moves_tokens_from_their_donor_and_never_raises_the_peak(
+    E, n, vocab, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randint(0, E, (vocab,), generator=gen)
+    counts = torch.randint(0, 5, (vocab,), generator=gen).double()
+    moe = MoE(HashRouter(D, E, table=table), FFNExperts(E, D, H))
+    grown = grow_experts(moe, n, token_counts=counts)
+    new = grown.router.table
+    assert int(new.max()) < E + n and bool((new >= 0).all())
+    moved = new != table
+    assert bool((new[moved] >= E).all())  # a token either stays or goes to a new expert
+    old_load = torch.bincount(table, weights=counts, minlength=E)
+    new_load = torch.bincount(new, weights=counts, minlength=E + n)
+    assert float(new_load.max()) <= float(old_load.max())
+    assert float(new_load.sum()) == float(old_load.sum())
+    # each new expert copies the expert its tokens came from: the function is preserved
+    for j in range(E, E + n):
+        donors = {int(e) for e in table[new == j]}
+        assert len(donors) <= 1
+        if donors:
+            assert torch.equal(grown.experts.w_in[j], moe.experts.w_in[donors.pop()])
+
+
+@settings(max_examples=15)
+@given(E=st.integers(2, 7), data=st.data())
+def test_pruned_softmax_layer_is_the_softmax_over_the_kept_experts(E, data):
+    num_remove = data.draw(st.integers(0, E - 1))
+    seed = data.draw(st.integers(0, 10**6))
+    torch.manual_seed(seed)
+    moe = _trained_like(MoE(SoftmaxGate(D, E), FFNExperts(E, D, H)), seed)
+    loads = torch.randint(0, 4, (E,), generator=torch.Generator().manual_seed(seed)).double()
+    result = prune_experts(moe, loads, num_remove=num_remove)
+    kept = [e for e in range(E) if int(result.id_map[e]) >= 0]
+    assert len(kept) == E - num_remove
+    dropped_loads = [float(loads[e]) for e in range(E) if e not in kept]
+    assert not dropped_loads or max(dropped_loads) <= min(float(loads[e]) for e in kept)
+    x = torch.randn(9, D)
+    gates = torch.softmax(moe.router.proj(x)[:, kept], dim=1)
+    ref = sum(gates[:, j : j + 1] * moe.experts.expert_forward(e, x) for j, e in enumerate(kept))
+    torch.testing.assert_close(result.moe(x).output, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_non_finite_gradient_on_frozen_experts_is_masked_to_zero():
+    grown = grow_experts(_layer("topk"), 2, init="scratch")
+    freeze_experts(grown, range(4))
+    w = grown.experts.w_in
+    scale = torch.ones_like(w)
+    scale[:4] = float("inf")
+    (w * scale.detach()).sum().backward()
+    assert float(w.grad[:4].abs().sum()) == 0.0
+    assert bool((w.grad[4:] == 1).all())

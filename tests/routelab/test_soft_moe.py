@@ -16,7 +16,7 @@ def paper_soft_moe(layer: SoftMoE, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
     if layer.normalize:
         xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         pn = phi / np.maximum(np.linalg.norm(phi, axis=0, keepdims=True), 1e-12)
-        logits = float(layer.scale) * xn @ pn
+        logits = layer.scale.item() * xn @ pn
     else:
         logits = x @ phi
     dispatch = np.exp(logits - logits.max(0)) / np.exp(logits - logits.max(0)).sum(0)
