@@ -6,17 +6,19 @@ epsilons, Sinkhorn temperature, all relative to a score spread), so one outlier 
 ``-1e300`` among O(1) scores, or a ``-inf`` (forbidden pair), would set every scale and
 the prices would swallow the O(1) differences. So they run on::
 
-    scaled   W = 2**-k * S               (k > 0 only when some |S| > 2**960: sums stay finite)
+    scaled   W = 2**-k * S               (k > 0 only when a row's range overflows float64 or
+                                          a row's best |S| > 2**960: sums stay finite)
     shifted  W' = W - max_e W_te          (row maximum 0; -inf stays -inf)
     clipped  C = max(W', -window)         (finite, spread <= window)
 
-with ``window = 64 * q`` (rounded up for integer scores) and q the lower quartile of the positive finite gaps
-``-W'_te`` over up to 256 evenly spaced rows: for ordinary scores (Gaussian, integer,
-low-rank, per-expert skew) no gap comes near the window and ``C == W'``; a gap beyond
-it is an outlier (or a forbidden pair). When clipping changed an entry, the result on C
-is repaired on W' by the exact methods (free the tokens that are not complementary-slack
-for W' and insert them by shortest augmenting paths, :func:`solvers._exact.finish`): the
-window only decides how much of the work the fast phase does, never the answer.
+with ``window = 64 * q`` (rounded up for integer scores) and q the lower quartile of the
+positive finite gaps ``-W'_te`` over up to 256 evenly spaced rows (the smallest one when
+there are fewer than 16): for ordinary scores (Gaussian, integer, low-rank, per-expert
+skew) no gap comes near the window, nothing is clipped and the methods run on W itself
+(no copy). When clipping changes an entry, the result on C is repaired on W' by the exact
+methods (free the tokens that are not complementary-slack for W' and insert them by
+shortest augmenting paths, :func:`solvers._exact.finish`): the window only decides how
+much of the work the fast phase does, never the answer.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class Working:
 
     Fields:
         scaled: ``W = 2**-exponent * S`` (the scores themselves when ``exponent == 0``).
-        shifted: ``W'``, row maximum 0, ``-inf`` for forbidden pairs.
+        shifted: ``W'``, row maximum 0, ``-inf`` for forbidden pairs; W itself when
+            nothing needs clipping (a row shift does not change the problem).
         clipped: ``C = max(W', -window)`` (``shifted`` itself when nothing was clipped).
         window: the clip distance (> 0; integral when the scores are).
         clipped_any: whether some entry (an outlier or a forbidden pair) was clipped.
@@ -100,49 +103,49 @@ def _window(sample: np.ndarray, row_min: np.ndarray, integral: bool) -> float:
 
 def prepare(ops: Any, S: Any, forbidden: bool) -> Working:
     """The working forms of float64 ``S [T, E]`` (T >= 1; every row has a finite score);
-    ``forbidden``: whether S holds a ``-inf``."""
+    ``forbidden``: whether S holds a ``-inf``.
+
+    Only the row maxima and minima are computed over the whole matrix; the shifted and
+    clipped copies are built only when something needs clipping (otherwise the methods
+    run on W itself: a row shift does not change the problem, and a [T, E] copy is not
+    free at (65536, 256)).
+    """
     exponent = 0
     W = S
-    row_best = ops.row_max(W)
-    shifted = W - row_best[:, None]
-    row_min = ops.to_numpy(ops.row_min(shifted))
-    best_host = ops.to_numpy(row_best)
-    overflow = not forbidden and not np.isfinite(row_min).all()
-    if overflow or forbidden or float(np.abs(best_host).max()) > 2.0**_SCALE_LIMIT:
-        finite_abs = ops.where(ops.isneginf(S), 0.0, S)
-        largest = float(ops.to_numpy(ops.row_max(ops.abs(finite_abs))).max())
-        if largest > 2.0**_SCALE_LIMIT:
-            exponent = math.frexp(largest)[1] - _SCALE_LIMIT
-            W = S * math.ldexp(1.0, -exponent)
-            row_best = ops.row_max(W)
-            shifted = W - row_best[:, None]
-            best_host = ops.to_numpy(row_best)
-        if forbidden:  # the finite part of each row's range
-            row_min = ops.to_numpy(ops.row_min(ops.where(ops.isneginf(shifted), 0.0, shifted)))
-            row_min = np.minimum(row_min, 0.0)
-        else:
-            row_min = ops.to_numpy(ops.row_min(shifted))
+    best = ops.to_numpy(ops.row_max(W))
+    finite_part = ops.where(ops.isneginf(W), np.inf, W) if forbidden else W
+    low = ops.to_numpy(ops.row_min(finite_part))
+    with np.errstate(over="ignore"):
+        overflow = not np.isfinite(best - low).all()  # a row range beyond float64
+    if overflow or float(np.abs(best).max()) > 2.0**_SCALE_LIMIT:
+        # scale by a power of two: exact, and the shifted rows and sums stay finite
+        largest = max(float(np.abs(best).max()), float(np.abs(low).max()))
+        exponent = math.frexp(largest)[1] - _SCALE_LIMIT
+        factor = math.ldexp(1.0, -exponent)
+        W = S * factor
+        best, low = best * factor, low * factor
+    row_min = low - best  # <= 0: the (negative) range of each row's finite scores
     rows = _sample_rows(S.shape[0])
-    sample = ops.to_numpy(shifted[ops.from_numpy(rows, shifted)])
+    picked = ops.from_numpy(rows, W)
+    sample = ops.to_numpy(W[picked]) - best[rows][:, None]
     # Integrality only steers heuristics (never the answer): the sample decides it.
     finite = sample[np.isfinite(sample)]
     integral = bool(np.array_equal(finite, np.rint(finite)))
     window = _window(sample, row_min, integral)
-    lowest = float(row_min.min())
-    clipped_any = forbidden or lowest < -window
-    clipped = ops.clip_min(shifted, -window) if clipped_any else shifted
+    clipped_any = forbidden or float(row_min.min()) < -window
     if clipped_any:  # C spans [-window, 0]: forbidden pairs and outliers sit at -window
+        shifted = W - ops.from_numpy(best, W)[:, None]
+        clipped = ops.clip_min(shifted, -window)
         spread = window
+        inside = ops.where(shifted < -window, 0.0, shifted)
+        reach = -ops.to_numpy(ops.row_min(inside))  # each row's range within the window
     else:  # max(S) - min(S) (the epsilons the methods were tuned on), but never beyond the
         # window: row offsets (1e15 + O(1) rows) must not set the price scale
-        spread = min(float(best_host.max() - (best_host + row_min).min()), window)
-    if clipped_any:  # each row's range over its scores within the window
-        inside = ops.where(shifted < -window, 0.0, shifted)
-        reach = -ops.to_numpy(ops.row_min(inside))
-    else:
+        shifted = clipped = W
+        spread = min(float(best.max() - low.min()), window)
         reach = -row_min
-    low_end = best_host - reach
-    magnitude = float(np.minimum(np.maximum(np.abs(best_host), np.abs(low_end)), reach).sum())
+    low_end = best - reach
+    magnitude = float(np.minimum(np.maximum(np.abs(best), np.abs(low_end)), reach).sum())
     return Working(
         scaled=W,
         shifted=shifted,

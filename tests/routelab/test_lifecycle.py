@@ -38,13 +38,14 @@ from routelab.routers import (
     HashRouter,
     NoisyTopKGate,
     ReMoEGate,
+    SinkhornRouter,
     SoftmaxGate,
     SwitchGate,
     TopKGate,
     TopPGate,
 )
 from routelab.routers.topk import TopKRouter
-from routelab.testing import RouterContract
+from routelab.testing import RouterContract, check_routing
 
 D, H, V = 6, 10, 40
 
@@ -651,3 +652,43 @@ def test_a_non_finite_gradient_on_frozen_experts_is_masked_to_zero():
     (w * scale.detach()).sum().backward()
     assert float(w.grad[:4].abs().sum()) == 0.0
     assert bool((w.grad[4:] == 1).all())
+
+
+SMOKE = {
+    "topk": lambda E: TopKGate(D, E, k=2),
+    "softmax": lambda E: SoftmaxGate(D, E),
+    "switch": lambda E: SwitchGate(D, E),
+    "expert_choice": lambda E: ExpertChoiceRouter(D, E),
+    "noisy_topk": lambda E: NoisyTopKGate(D, E, k=2),
+    "topk_router": lambda E: TopKRouter(D, E, k=2, selection_bias=True, balance_weight=0.01),
+    "cosine": lambda E: CosineTopKGate(D, E, k=2),
+    "top_p": lambda E: TopPGate(D, E),
+    "remoe": lambda E: ReMoEGate(D, E, k=2),
+    "base": lambda E: BASERouter(D, E),
+    "sinkhorn": lambda E: SinkhornRouter(D, E),
+    "dselect_k": lambda E: DSelectKGate(D, E, k=2),
+    "hash": _hash_router,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SMOKE))
+def test_every_registered_router_grows_prunes_and_merges_into_valid_routings(kind):
+    torch.manual_seed(0)
+    moe = _trained_like(MoE(SMOKE[kind](6), FFNExperts(6, D, H)), 1)
+    loads = torch.tensor([6.0, 1.0, 5.0, 2.0, 4.0, 3.0])
+    layers = {"grown": grow_experts(moe, 2, gate="copy", noise=0.1, loads=loads)}
+    if kind == "dselect_k":  # binary codes: growth only
+        with pytest.raises(ValueError, match="growth only"):
+            prune_experts(moe, loads, num_remove=2)
+        with pytest.raises(ValueError, match="growth only"):
+            merge_experts(moe, loads, num_groups=3)
+    else:
+        layers["pruned"] = prune_experts(moe, loads, num_remove=2).moe
+        layers["merged"] = merge_experts(moe, loads, num_groups=3).moe
+    x, ids = _inputs(17, 2)
+    for name, layer in layers.items():
+        for mode in (True, False):
+            layer.train(mode)
+            out = _run(layer, x, ids)
+            check_routing(out.routing, num_tokens=17, num_experts=layer.num_experts)
+            assert out.output.shape == (17, D) and bool(torch.isfinite(out.output).all()), name

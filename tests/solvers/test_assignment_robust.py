@@ -305,3 +305,17 @@ def test_methods_are_one_table():
     msg = re.escape(str(tuple(METHODS)))
     with pytest.raises(ValueError, match=msg):
         balanced_assignment(np.eye(3), method="simplex")
+
+
+def test_row_offsets_do_not_loosen_the_auction_tolerance():
+    """Half the rows offset by 1e15 (exactly representable: scores in steps of 1/8). The
+    offsets do not change the problem; the old tolerance, relative to sum_t max_e |S_te|,
+    let the auction stop 742 below the optimum here."""
+    rng = np.random.default_rng(0)
+    T, E = 600, 6
+    G = rng.integers(-40, 40, (T, E)) / 8.0
+    S = G + rng.integers(0, 2, T)[:, None] * 1e15
+    optimum = fsum_objective(G, scipy_optimum(G, even(T, E)))
+    for method in ("exact", "auction"):
+        res = balanced_assignment(S, method=method)
+        assert optimum - fsum_objective(G, np.asarray(res.assignment)) <= 1e-6 * 10 * T, method
