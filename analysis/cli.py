@@ -155,12 +155,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _row(name: str):
-    from analysis.registry import REGISTRY
+    from analysis.registry import resolve_routers
 
-    if name not in REGISTRY:
-        hint = " (names are separated by commas, without spaces)" if name != name.strip() else ""
-        raise UsageError(f"unknown router {name!r}{hint}; known: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+    try:
+        (row,) = resolve_routers([name])
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return row
 
 
 class _StandIn:

@@ -425,8 +425,10 @@ for _row in (
         "top2-pausing",
         TopKGate,
         {"k": 2},
-        policies=(PolicySpec(PausingPolicy, {"margin": 0.1}),),
-        description="top-2 with Eigen et al. 2013 pausing of over-assigned experts",
+        # margin in gate mass: 64 = one step's mean share of an expert (256 items x 2 / 8)
+        policies=(PolicySpec(PausingPolicy, {"margin": 64.0}),),
+        description="top-2 with Eigen et al. 2013 pausing: an expert more than 64 of gate "
+        "mass above the mean total is paused",
     ),
     CompareRow(
         "top2-lossfree",

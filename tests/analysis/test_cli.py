@@ -127,7 +127,7 @@ def test_sweep_help_lists_the_chosen_routers_options(capsys):
     assert listed["capacity_factor"] == "1.0" and listed["balance_weight"] == "0.01"
     assert "z_weight" in listed
     status, out, _ = run_cli(["sweep", "--router", "top2-pausing", "--help"], capsys)
-    assert re.search(r"\n  margin +0\.1 +\(PausingPolicy\)", out)
+    assert re.search(r"\n  margin +64\.0 +\(PausingPolicy\)", out)
 
 
 def test_subcommands_are_registered_from_one_table():
