@@ -825,7 +825,9 @@ def sweep(
     fingerprint = {**run_fingerprint("sweep", settings, jobs), "grid": grid}
     out = check_run_directory(out, fingerprint, overwrite)
     results = run_jobs(jobs, settings, workers=workers, progress=progress)
-    cells = [{"options": opts, **_cell(r)} for opts, r in zip(cells_options, results)]
+    cells: list[dict[str, Any]] = [
+        {"options": opts, **_cell(r)} for opts, r in zip(cells_options, results)
+    ]
     _clear_previous_run(out)
     metric_name, unit = results[0].metric_name, results[0].unit
     plots.plot_sweep(

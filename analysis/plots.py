@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -271,7 +272,7 @@ def plot_cv_panels(
         series_names += [s for s in series if s not in series_names]
     colours = {s: cm_tab20(2 * i % 20) for i, s in enumerate(series_names)}
     top = 0.0
-    axes = []
+    axes: list[Any] = []
     length = max((len(v) for series in curves.values() for v in series.values()), default=1)
     for i, (name, series) in enumerate(curves.items()):
         ax = fig.add_subplot(

@@ -54,7 +54,7 @@ class _Layer:
     ) -> None:
         self.name = name
         self.num_experts = num_experts
-        counter = {"null_experts": tuple(null_experts), "reference_k": reference_k}
+        counter: dict[str, Any] = {"null_experts": tuple(null_experts), "reference_k": reference_k}
         self.total = LoadCounter(num_experts, **counter)
         self.current = LoadCounter(num_experts, **counter)
         self.router_total = LoadCounter(num_experts, **counter)
@@ -137,7 +137,10 @@ class RoutingRecorder:
                         name or "moe", module.num_experts, null_experts=null, reference_k=reference
                     )
                 )
-                self._handles.append(module.register_forward_hook(self._hook_for(index)))
+                # a SoftMoE has no router and no policies: its choice is what it ran
+                as_router = isinstance(module, SoftMoE)
+                hook = self._hook_for(index, as_router=as_router)
+                self._handles.append(module.register_forward_hook(hook))
                 router = getattr(module, "router", None)
                 if isinstance(router, nn.Module):
                     hook = self._router_hook_for(index, module)
@@ -148,7 +151,7 @@ class RoutingRecorder:
         self._handles.append(model.register_forward_hook(self._end_forward))
 
     # ------------------------------------------------------------------ hooks
-    def _hook_for(self, index: int):
+    def _hook_for(self, index: int, *, as_router: bool = False):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if self.mode == "train" and not module.training:
                 return
@@ -156,8 +159,16 @@ class RoutingRecorder:
                 return
             routing = output.routing if hasattr(output, "routing") else output[1]
             self.record(index, routing)
+            if as_router:
+                self._record_router(index, routing)
 
         return hook
+
+    def _record_router(self, index: int, routing: Routing) -> None:
+        entry = self._layers[index]
+        routing = routing.detach()
+        entry.router_total.update(routing)
+        entry.router_current.update(routing)
 
     def _router_hook_for(self, index: int, layer: nn.Module):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -169,10 +180,7 @@ class RoutingRecorder:
                 isinstance(output, Routing)
                 and output.num_experts == self._layers[index].num_experts
             ):
-                entry = self._layers[index]
-                routing = output.detach()
-                entry.router_total.update(routing)
-                entry.router_current.update(routing)
+                self._record_router(index, output)
 
         return hook
 

@@ -35,11 +35,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from analysis.data import DATASETS
 from routelab.experts import FFNExperts
-from routelab.moe import MoE
+from routelab.moe import MoE, SharedExperts
+from routelab.null_experts import NullExperts
 from routelab.policies import CapacityPolicy, LossFreeBalancingPolicy, PausingPolicy, Policy
 from routelab.router import Router
 from routelab.routers import (
@@ -52,7 +53,13 @@ from routelab.routers import (
     SoftmaxGate,
     SwitchGate,
     TopKGate,
+    TopKRouter,
 )
+from routelab.routers.cosine import CosineTopKGate
+from routelab.routers.moe_plus_plus import MoEPlusPlusGate
+from routelab.routers.remoe import ReMoEGate
+from routelab.routers.top_p import TopPGate
+from routelab.soft_moe import SoftMoE
 
 __all__ = [
     "DATASETS",
@@ -85,7 +92,7 @@ class RoutingData(Protocol):
 
 
 RouterBuilder = Callable[["CompareRow", int, int, RoutingData], Router]
-LayerBuilder = Callable[["CompareRow", int, int, RoutingData, int], nn.Module]
+LayerBuilder = Callable[["CompareRow", int, int, RoutingData, int], MoE | SoftMoE]
 
 
 def _keyword_defaults(function: Callable[..., Any], skip: Sequence[str]) -> dict[str, Any]:
@@ -151,7 +158,9 @@ class CompareRow:
 
     Fields:
         name: the row's name (``--routers`` takes it): lower case, digits, ``.+_-``.
-        router: the router class (a ``routelab.Router`` subclass).
+        router: the router class (a ``routelab.Router`` subclass); for a row whose
+            ``build_layer_with`` builds a layer without a router (Soft MoE), the layer
+            class, whose keyword options ``options`` are.
         options: keyword options of the router's constructor (after ``d_model,
             num_experts``), or of ``build_router`` where one is given.
         policies: ``PolicySpec`` s applied in order after the router.
@@ -162,12 +171,13 @@ class CompareRow:
             **options)``.
         build_layer_with: ``(row, d_model, num_experts, data, d_hidden) -> layer`` for
             layers that are not ``MoE(router, FFNExperts, policies)``; the layer must be
-            a ``routelab.MoE`` (or subclass) so the recorder sees its routing.
+            a ``routelab.MoE`` (or subclass) or a ``routelab.soft_moe.SoftMoE``, so the
+            recorder sees its routing.
         in_default: whether ``routelab compare`` without ``--routers`` runs it.
     """
 
     name: str
-    router: type[Router]
+    router: type[Router] | type[SoftMoE]
     options: Mapping[str, Any] = field(default_factory=dict)
     policies: tuple[PolicySpec, ...] = ()
     datasets: tuple[str, ...] = DATASETS
@@ -181,7 +191,8 @@ class CompareRow:
             raise ValueError(
                 f"row name must be lower case letters, digits and '.+_-', got {self.name!r}"
             )
-        if not (isinstance(self.router, type) and issubclass(self.router, Router)):
+        layer_class = self.build_layer_with is not None and self.router is SoftMoE
+        if not (isinstance(self.router, type) and (issubclass(self.router, Router) or layer_class)):
             raise TypeError(
                 f"row {self.name!r}: router must be a Router subclass, got {self.router!r}"
             )
@@ -208,7 +219,7 @@ class CompareRow:
 
     def build_layer(
         self, d_model: int, num_experts: int, data: RoutingData, *, d_hidden: int | None = None
-    ) -> nn.Module:
+    ) -> MoE:
         """The MoE layer of this row: router, ``FFNExperts(E, d, d_hidden)`` (relu,
         default ``d_hidden = 2 d``), policies."""
         d_hidden = 2 * d_model if d_hidden is None else d_hidden
@@ -327,9 +338,12 @@ def fit_hash(row: CompareRow, d_model: int, num_experts: int, data: RoutingData)
 
 def _hash_options(row: CompareRow) -> dict[str, Any]:
     """The ``HashRouter.fit`` options a hash row's strategy uses (what sweep may vary)."""
-    strategy = row.options.get("strategy")
-    extra = {"multi-hash": {"num_hashes": 2}, "clustered": {"num_clusters": None}}
-    extra["dispersed"] = extra["clustered"]
+    strategy = str(row.options.get("strategy"))
+    extra: dict[str, dict[str, Any]] = {
+        "multi-hash": {"num_hashes": 2},
+        "clustered": {"num_clusters": None},
+        "dispersed": {"num_clusters": None},
+    }
     return {"seed": 0, **extra.get(strategy, {})}
 
 
@@ -449,6 +463,119 @@ for _row in (
             description=f"hash routing by token id, {strategy} table (Roller et al. 2021)",
         )
         for strategy in ("random", "balanced", "clustered", "dispersed", "multi-hash")
+    ),
+):
+    register(_row)
+
+
+# ---------------------------------------------------------------------- beyond fixed top-k
+def _moe_plus_plus_layer(
+    row: CompareRow, d_model: int, num_experts: int, data: RoutingData, d_hidden: int
+) -> MoE:
+    """MoE++ (Jin et al. 2024): ``num_null`` of the E experts are null experts (one zero,
+    one copy, the rest constant), the others FFN experts; ``DeepMoE`` links the gates of
+    consecutive layers (gating residuals)."""
+    options = dict(row.options)
+    num_null = options.pop("num_null")
+    counts = {
+        "num_zero": min(1, num_null),
+        "num_copy": min(1, max(0, num_null - 1)),
+        "num_constant": max(0, num_null - 2),
+    }
+    gate = MoEPlusPlusGate(d_model, num_experts, num_null=num_null, **options)
+    ffn = FFNExperts(num_experts - num_null, d_model, d_hidden, activation="relu")
+    return MoE(gate, NullExperts(ffn, **counts), row.make_policies(num_experts))
+
+
+def _soft_moe_layer(
+    row: CompareRow, d_model: int, num_experts: int, data: RoutingData, d_hidden: int
+) -> SoftMoE:
+    """Soft MoE (Puigcerver et al. 2024) over E FFN experts, ``row.options`` its options."""
+    experts = FFNExperts(num_experts, d_model, d_hidden, activation="relu")
+    return SoftMoE(d_model, num_experts, experts, **row.options)
+
+
+for _row in (
+    CompareRow(
+        "top-p",
+        TopPGate,
+        {"p": 0.4, "dynamic_weight": 1e-4, "balance_weight": 1e-2},
+        description="dynamic top-p (p = 0.4) with its entropy loss (Huang et al. 2024)",
+    ),
+    CompareRow(
+        "remoe",
+        ReMoEGate,
+        {"k": 2},
+        description="ReMoE: ReLU gates, adaptive L1 toward sparsity 1 - 2/E (Wang et al. 2025)",
+    ),
+    CompareRow(
+        "cosine-top2",
+        CosineTopKGate,
+        {"k": 2, "balance_weight": 1e-2},
+        description="X-MoE cosine routing in 16 dimensions, learned temperature (Chi et al. 2022)",
+    ),
+    CompareRow(
+        "moe++",
+        MoEPlusPlusGate,
+        {"k": 2, "num_null": 3, "tau": 0.75},
+        build_layer_with=_moe_plus_plus_layer,
+        description="MoE++: E - 3 FFN + zero, copy, constant experts, top-2 (Jin et al. 2024)",
+    ),
+    CompareRow(
+        "soft-moe",
+        SoftMoE,
+        {"slots_per_expert": 1, "group_size": 16},
+        build_layer_with=_soft_moe_layer,
+        description="Soft MoE, 1 slot per expert over groups of 16 items (Puigcerver et al. 2024)",
+    ),
+):
+    register(_row)
+
+
+# ---------------------------------------------------------------------- today's production
+# routing (issue 11): routelab.routers.TopKRouter configured as DeepSeek-V3 / Qwen3-MoE
+def _with_shared_expert(
+    row: CompareRow, d_model: int, num_experts: int, data: RoutingData, d_hidden: int
+) -> MoE:
+    """``MoE(router, FFNExperts(E, d, d_hidden), policies)`` plus one always-on shared
+    expert of the same size (DeepSeekMoE, Dai et al. 2024)."""
+    router = row.make_router(d_model, num_experts, data)
+    experts = FFNExperts(router.num_experts, d_model, d_hidden, activation="relu")
+    shared = SharedExperts(d_model, d_hidden, activation="relu")
+    return MoE(router, experts, row.make_policies(num_experts), shared_experts=shared)
+
+
+for _row in (
+    CompareRow(
+        "deepseek-v3",
+        TopKRouter,
+        {
+            "k": 2,
+            "score": "sigmoid",
+            "num_groups": 4,
+            "top_groups": 2,
+            "scaling_factor": 2.5,
+            "selection_bias": True,
+            "selection_bias_rate": 1e-3,
+            "sequence_balance_weight": 1e-4,
+        },
+        build_layer_with=_with_shared_expert,
+        description="DeepSeek-V3: sigmoid top-2 in the top 2 of 4 expert groups, selection "
+        "bias, sequence-wise loss, weights x2.5, one shared expert (DeepSeek-AI 2024)",
+    ),
+    CompareRow(
+        "qwen-global-lbl",
+        TopKRouter,
+        {"k": 2, "global_balance_weight": 1e-2},
+        description="softmax top-2 with the global-batch balance loss (Qiu et al. 2025; "
+        "one micro-batch per step here, so global = the batch)",
+    ),
+    CompareRow(
+        "topk-sigmoid-bias",
+        TopKRouter,
+        {"k": 2, "score": "sigmoid", "selection_bias": True, "selection_bias_rate": 1e-3},
+        description="sigmoid top-2 with the loss-free selection bias inside the top-k "
+        "(Wang et al. 2024)",
     ),
 ):
     register(_row)

@@ -49,8 +49,12 @@ from routelab.routers import (
 # name -> factory(d_model, num_experts, k)
 GATES: dict[str, Callable[[int, int, int], Router]] = {
     "TopKGate": lambda d, E, k: TopKGate(d, E, k=k),
-    "TopKRouter (DeepSeek-V3)": lambda d, E, k: TopKRouter(
-        d, E, k=k, score="sigmoid", selection_bias=True, num_groups=8, top_groups=4
+    "TopKRouter (DeepSeek-V3)": lambda d, E, k: TopKRouter.from_preset("deepseek-v3", d, E, k=k),
+    "TopKRouter (Qwen global LBL)": lambda d, E, k: TopKRouter(
+        d, E, k=k, global_balance_weight=1e-3
+    ),
+    "TopKRouter (sigmoid + bias)": lambda d, E, k: TopKRouter(
+        d, E, k=k, score="sigmoid", selection_bias=True
     ),
     "NoisyTopKGate": lambda d, E, k: NoisyTopKGate(d, E, k=k),
     "SwitchGate": lambda d, E, k: SwitchGate(d, E, z_weight=1e-3),

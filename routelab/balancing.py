@@ -195,8 +195,11 @@ class SelectionBias(BalancingState):
         chosen(x) = TopK(s(x) + b, k)          s(x) [E] the router's scores
         weight(x, i) from s(x) alone            (the router's own weight rule)
 
-    ``forward`` of the router calls :meth:`observe_selection` with the chosen expert ids
-    (or :meth:`observe_load` with a load ``[E]``); the loads are summed until the
+    The selection itself is the one token-choice top-k,
+    ``routelab.routers.topk.TopKSelection`` (``select(..., selection_bias=bias)`` uses
+    :meth:`biased` and observes the choice); a router doing its own selection calls
+    :meth:`observe_selection` with the chosen expert ids (or :meth:`observe_load` with a
+    load ``[E]``). The loads are summed until the
     explicit update step (:func:`update_balancing` / :meth:`update`, after
     ``optimizer.step()``), which all-reduces them over the process group and applies the
     paper's rule (their Algorithm 1, with ``u = rate``)::
@@ -233,15 +236,6 @@ class SelectionBias(BalancingState):
             )
         dtype = torch.promote_types(scores.dtype, torch.float32)
         return scores.detach().to(dtype) + self.bias.to(device=scores.device, dtype=dtype)
-
-    def select(self, scores: Tensor, k: int) -> Tensor:
-        """int64 ``[T, k]``: ``TopK(scores + b, k)``, ties broken by ``torch.topk``
-        (deterministic on one device, not by expert id). Observes the selection (see
-        :meth:`observe_selection`)."""
-        k = require_int("k", k, 1, self.num_experts)
-        chosen = torch.topk(self.biased(scores), k, dim=-1).indices
-        self.observe_selection(chosen)
-        return chosen
 
     def observe_selection(self, expert: Tensor) -> bool:
         """Count the chosen expert ids (int tensor of any shape, e.g. ``[T, k]`` or a

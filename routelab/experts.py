@@ -21,13 +21,25 @@ Two kernels compute the grouped matmul ``ys[rows of e] = xs[rows of e] @ W[e] + 
   (no per-expert parameter views, no re-stacking of gradients). Any dtype (fp64
   included) and any size; it needs the segment sizes on the host (one sync).
 
-Which kernel runs (``FFNExperts(grouped_gemm="auto")``, the default): ``"grouped"``
-wherever ``torch._grouped_mm`` accepts the dtype and the sizes, ``"segment"``
-otherwise. This rule is what ``benchmarks/experts.py`` measured on CPU (torch 2.13,
-fp32, 1 thread, the five configurations of issue 17): the two kernels are within a few
-percent of each other everywhere (both run one GEMM per expert; ``_grouped_mm`` issues
-them from C++, which wins as E grows), and only the grouped kernel compiles without a
-graph break. ``grouped_gemm=False`` forces the segment kernel, ``True`` the grouped one.
+Which path runs (``FFNExperts(grouped_gemm="auto")``, the default), as measured by
+``benchmarks/experts.py`` (CPU, torch 2.13, fp32, 1 thread, the five configurations of
+issue 17; tables in ``benchmarks/README.md``):
+
+- CPU, at most 64 experts and at least 256 entries per expert on average (large and
+  fine-grained experts at training batch sizes): the per-expert loop through autograd
+  over views of the stacks (:meth:`ExpertDispatch.run_segments`). Each expert's whole FFN
+  and its backward run on rows still in cache, which measured 1.17x (fine) to 1.3x
+  (fine-small) faster than layer-by-layer grouped GEMMs; the price is one stacking copy
+  of the weight gradients (about 2% of the step there).
+- otherwise (many experts, small batches, accelerators, ``torch.compile``):
+  ``"grouped"`` wherever ``torch._grouped_mm`` accepts the dtype and the sizes,
+  ``"segment"`` otherwise. Per-expert loops lose there: with 256 experts their Python
+  overhead dominates, and at a small batch the weight-gradient stacking costs more than
+  the GEMMs (re-stacking took 37% of the old step at T = 64).
+
+Where the hidden width is below the model width (full precision), the combine weights
+scale the hidden rows before the output projection instead of the output rows.
+``grouped_gemm=False`` forces the segment kernel, ``True`` the grouped one.
 
 Kept beside them as tested references: :meth:`FFNExperts.loop_forward` (the plain
 per-expert Python loop through autograd, :meth:`ExpertDispatch.run_segments`) and
@@ -219,7 +231,7 @@ def _grouped_linear_impl(
         out = torch._grouped_mm(xs, weight, offs=torch.cumsum(counts, 0).to(torch.int32))
         if bias is None:
             return out
-        if _per_segment_bias(xs):  # a broadcast add per segment, no [N, b] bias rows
+        if _host_segment_loops(xs):  # a broadcast add per segment, no [N, b] bias rows
             start = 0
             for e, n in enumerate(_segment_sizes(counts)):
                 if n:
@@ -243,10 +255,25 @@ def _grouped_linear_impl(
     return out
 
 
-def _per_segment_bias(xs: Tensor) -> bool:
-    """Biases per segment (a loop over the host sizes: no ``[N, b]`` gather, measured
-    faster on CPU) or per row (one gather, no host sync: for accelerators)."""
+def _host_segment_loops(xs: Tensor) -> bool:
+    """Whether the grouped kernel adds biases and computes weight gradients per segment
+    (a loop over the host sizes: no ``[N, b]`` bias gather, and torch._grouped_mm's
+    weight-gradient form is up to 3.5x slower on CPU than one mm per segment, never
+    faster: measured) or in one op each (no host sync: for accelerators)."""
     return xs.device.type == "cpu"
+
+
+def _segment_weight_grad(xs: Tensor, grad: Tensor, sizes: list[int], like: Tensor) -> Tensor:
+    """``[E, a, b]``: each segment's ``xs_e^T grad_e``, written in place (0 when empty)."""
+    grad_w = torch.empty_like(like)
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            torch.mm(xs[start : start + n].t(), grad[start : start + n], out=grad_w[e])
+        else:
+            grad_w[e].zero_()
+        start += n
+    return grad_w
 
 
 def _segment_bias_grad(grad: Tensor, sizes: list[int], num_experts: int) -> Tensor:
@@ -280,9 +307,13 @@ def _grouped_linear_grads(
     if kernel == "grouped":
         offs = torch.cumsum(counts, 0).to(torch.int32)
         grad_x = torch._grouped_mm(grad, weight.transpose(-2, -1), offs=offs) if need_x else none
-        grad_w = torch._grouped_mm(xs.t(), grad, offs=offs) if need_w else none
+        grad_w = none
+        if need_w and _host_segment_loops(xs):
+            grad_w = _segment_weight_grad(xs, grad, _segment_sizes(counts), weight)
+        elif need_w:
+            grad_w = torch._grouped_mm(xs.t(), grad, offs=offs)
         grad_b = none
-        if need_b and _per_segment_bias(xs):
+        if need_b and _host_segment_loops(xs):
             grad_b = _segment_bias_grad(grad, _segment_sizes(counts), weight.shape[0])
         elif need_b:
             row_expert = torch.repeat_interleave(
@@ -293,18 +324,12 @@ def _grouped_linear_grads(
         return grad_x, grad_w, grad_b
     sizes = _segment_sizes(counts)
     grad_x = torch.empty_like(xs) if need_x else none
-    grad_w = torch.empty_like(weight) if need_w else none
     start = 0
     for e, n in enumerate(sizes):
-        g = grad[start : start + n]
         if n and need_x:
-            torch.mm(g, weight[e].t(), out=grad_x[start : start + n])
-        if need_w:
-            if n:
-                torch.mm(xs[start : start + n].t(), g, out=grad_w[e])
-            else:
-                grad_w[e].zero_()
+            torch.mm(grad[start : start + n], weight[e].t(), out=grad_x[start : start + n])
         start += n
+    grad_w = _segment_weight_grad(xs, grad, sizes, weight) if need_w else none
     grad_b = _segment_bias_grad(grad, sizes, weight.shape[0]) if need_b else none
     return grad_x, grad_w, grad_b
 
@@ -564,9 +589,10 @@ class FFNExperts(Experts):
         d_hidden: h.
         activation: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"swiglu"``.
         bias: whether the two projections carry biases.
-        grouped_gemm: the grouped-matmul kernel (module docstring): ``"auto"`` uses
-            ``torch._grouped_mm`` wherever it accepts the dtype and sizes (CPU and CUDA)
-            and the segment kernel otherwise; ``True`` always the grouped kernel (an
+        grouped_gemm: the execution path (module docstring): ``"auto"`` runs the
+            measured rule (on CPU the per-expert loop for at most 64 experts with at least
+            256 entries each; else ``torch._grouped_mm`` wherever it accepts the dtype and
+            sizes, the segment kernel otherwise); ``True`` always the grouped kernel (an
             error where it cannot run); ``False`` always the segment kernel.
     """
 
@@ -701,6 +727,8 @@ class FFNExperts(Experts):
         """
         self.check_call(x, routing)
         plan = ExpertDispatch.plan(routing)
+        if self._cache_local_loop(x, routing):
+            return self._unbound_loop(x, plan)
         xs = plan.gather(x)
         if not self._weights_hidden_rows(x, routing):
             return plan.combine(self.run_sorted(xs, plan.segments), x.shape[0], x.dtype)
@@ -715,6 +743,29 @@ class FFNExperts(Experts):
         if self.b_out is not None:
             y = y + routing.to_dense().to(x.dtype) @ self.b_out
         return y
+
+    def _cache_local_loop(self, x: Tensor, routing: Routing) -> bool:
+        """The measured CPU rule (module docstring): ``"auto"`` on CPU with at most 64
+        experts and at least 256 entries per expert on average runs each expert's whole
+        FFN, forward and backward, in one go on rows still in cache."""
+        return (
+            self.grouped_gemm == "auto"
+            and x.device.type == "cpu"
+            and self.num_experts <= 64
+            and routing.num_entries >= 256 * self.num_experts
+            and not torch.compiler.is_compiling()
+        )
+
+    def _unbound_loop(self, x: Tensor, plan: ExpertDispatch) -> Tensor:
+        """Per-expert autograd over views of the stacks, unbound once (indexing ``w[e]``
+        in the loop would make backward allocate a full ``[E, d, h]`` gradient per expert;
+        ``unbind`` stacks the per-expert gradients once instead)."""
+        stacks = [self.w_in, self.w_out, self.b_in, self.b_out, self.w_gate]
+        views = [[None] * self.num_experts if t is None else t.unbind(0) for t in stacks]
+        params = list(zip(*views))
+        return plan.run_segments(
+            x, lambda e, rows: expert_ffn(rows, *params[e], self.activation), self.d_model
+        )
 
     def _weights_hidden_rows(self, x: Tensor, routing: Routing) -> bool:
         if self.d_hidden >= self.d_model or x.dtype in (torch.float16, torch.bfloat16):

@@ -52,7 +52,7 @@ CUDA). Missing ``token_ids``: a ValueError.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -179,8 +179,9 @@ class HashRouter(Router):
     ``HashRouter.fit("balanced", 16, d_model=512, token_ids=stream)``.
     """
 
-    differentiable: ClassVar[bool] = False
-    requires_token_ids: ClassVar[bool] = True
+    differentiable: bool = False
+    requires_token_ids: bool = True
+    table: Tensor
 
     def __init__(
         self,

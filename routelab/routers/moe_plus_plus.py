@@ -66,6 +66,8 @@ class MoEPlusPlusGate(TokenChoiceRouter):
         z_weight: router z-loss coefficient >= 0.
     """
 
+    expert_scale: Tensor
+
     def __init__(
         self,
         d_model: int,

@@ -39,6 +39,8 @@ class SparsityCoefficient(BalancingState):
         multiplier: alpha > 1 (the paper uses 1.2).
     """
 
+    coefficient: Tensor
+
     def __init__(
         self, target_sparsity: float, *, initial: float = 1e-8, multiplier: float = 1.2
     ) -> None:

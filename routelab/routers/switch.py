@@ -8,9 +8,12 @@ from torch import Tensor, nn
 from routelab._validate import require_bool
 from routelab.losses import check_loss_weight, router_z_loss, switch_balance_loss
 from routelab.router import Router, router_logits, upcast_half
+from routelab.routers.topk import TopKSelection
 from routelab.routing import Routing
 
 __all__ = ["SwitchGate"]
+
+_SWITCH_SELECTION = TopKSelection(1, score="softmax", normalize=False)
 
 
 class SwitchGate(Router):
@@ -26,7 +29,9 @@ class SwitchGate(Router):
 
     As in the paper the combine weight is the probability ``p_i(x)`` of the chosen expert,
     so the router learns from the task loss; a token's single weight therefore does NOT
-    sum to 1 (it is ``probs.max(dim=1)``). Ties go to the lowest expert index. The router
+    sum to 1 (it is ``probs.max(dim=1)``). The selection is
+    ``routelab.routers.topk.TopKSelection(1, normalize=False)``, the one token-choice
+    top-k (ties broken by ``torch.topk``). The router
     runs in fp32 even for half-precision inputs ("selective precision"); fp64 stays fp64.
 
     Losses (a weight of 0 switches one off; its key is then absent from ``aux``):
@@ -79,16 +84,15 @@ class SwitchGate(Router):
 
     def route(self, x: Tensor, token_ids: Tensor | None) -> Routing:
         logits = self.logits(x)  # [T, E]
-        probs = torch.softmax(logits, dim=-1)
-        gate, index = probs.max(dim=-1)  # [T], [T]
+        # the one token-choice selection: softmax, top-1, weight p_i(x) (not normalised)
+        selection = _SWITCH_SELECTION.select(logits)
         aux: dict[str, Tensor] = {}
         if self.balance_weight > 0:
-            aux["balance"] = self.balance_weight * switch_balance_loss(probs, index)
+            index = selection.indices[:, 0]
+            aux["balance"] = self.balance_weight * switch_balance_loss(selection.probs, index)
         if self.z_weight > 0:
             aux["z"] = self.z_weight * router_z_loss(logits)
-        return Routing.from_topk(
-            index[:, None], gate[:, None], self.num_experts, probs=probs, aux=aux
-        )
+        return selection.routing(self.num_experts, aux)
 
     def extra_repr(self) -> str:
         return (

@@ -131,7 +131,7 @@ def test_segment_kernel_writes_weight_gradients_without_restacking():
 @pytest.mark.parametrize("per_segment_bias", [True, False])  # CPU's way, accelerators' way
 @pytest.mark.parametrize("kernel", ["grouped", "segment"])
 def test_grouped_linear_kernels_match_per_expert_matmuls(kernel, per_segment_bias, monkeypatch):
-    monkeypatch.setattr(routelab.experts, "_per_segment_bias", lambda xs: per_segment_bias)
+    monkeypatch.setattr(routelab.experts, "_host_segment_loops", lambda xs: per_segment_bias)
     torch.manual_seed(1)
     counts = torch.tensor([3, 0, 5, 1])
     xs = torch.randn(9, 4, requires_grad=True)
@@ -389,3 +389,22 @@ def test_compiled_moe_fullgraph_equals_eager(d_hidden):
         compiled = step(torch.compile(moe, fullgraph=True, backend="aot_eager"))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_cpu_cache_local_loop_equals_dense_reference(activation):
+    """The measured CPU rule's per-expert loop (at least 256 entries per expert, at most
+    64 experts) against the dense reference: output and every gradient."""
+    torch.manual_seed(5)
+    T, E, d, h = 700, 2, 3, 5
+    experts = FFNExperts(E, d, h, activation=activation, dtype=torch.float64)
+    routing = Routing.from_topk(
+        torch.argsort(torch.rand(T, E), dim=1)[:, :1], torch.rand(T, 1, dtype=torch.float64), E
+    )
+    assert experts._cache_local_loop(torch.zeros(1, d, dtype=torch.float64), routing)
+    x = torch.randn(T, d, dtype=torch.float64)
+    coef = torch.randn(T, d, dtype=torch.float64)
+    got = _run(experts, "forward", x, routing, coef)
+    want = _run(experts, "dense_forward", x, routing, coef)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

@@ -489,10 +489,10 @@ CASES = [
     ),
     # ------------------------------------------------------------ balancing
     (
-        "selection bias k > E",
-        lambda: SelectionBias(3).select(torch.zeros(2, 3), 4),
+        "selection bias scores of another E",
+        lambda: SelectionBias(3).biased(torch.zeros(2, 4)),
         ValueError,
-        "k",
+        "last dimension",
     ),
     (
         "selection bias ids >= E",

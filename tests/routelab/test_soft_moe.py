@@ -137,4 +137,6 @@ def test_soft_moe_layers_stack_in_deep_moe_and_are_recorded():
         out = model(torch.randn(10, 5))
         assert out.logits.shape == (10, 3)
         stats = recorder.stats(0)
+        chosen = recorder.stats(0, stage="router")  # no router, no policies: the same
     assert stats.num_tokens == 10 and float(stats.importance.sum()) == pytest.approx(10.0)
+    assert chosen.num_entries == stats.num_entries == 10 * 4
