@@ -138,7 +138,8 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         row = _row(args.router)
         moe = _build_checked(row, args.d_model, args.experts, _stand_in_data(token_ids))
-        moe.policies.append(CapacityPolicy(args.capacity_factor))
+        if hasattr(moe, "policies"):  # a SoftMoE layer has none (nothing is dropped)
+            moe.policies.append(CapacityPolicy(args.capacity_factor))
         name = f"{row.name}: {row.configuration()}"
     x = torch.randn(args.tokens, args.d_model)
     out = moe(x, token_ids)

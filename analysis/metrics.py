@@ -28,7 +28,8 @@ Definitions (E experts; ``load [E]`` entries per expert; ``importance [E]``):
   (float64 ``[E + 1]``, entry n the number of tokens with n kept entries),
   ``experts_per_token_mean`` (kept entries / tokens), ``ffn_entries_per_token`` (the
   same, not counting entries on ``null_experts``, the ids whose experts spend no FFN
-  compute: MoE++'s zero / copy / constant experts) and ``flops_vs_topk``
+  compute: MoE++'s zero / copy / constant experts; or the rows the FFN experts ran where
+  the caller gives them, a Soft MoE's slots) and ``flops_vs_topk``
   (``ffn_entries_per_token / reference_k``: the expert FLOPs per token relative to a
   top-k router with ``k = reference_k`` and the same experts; None without a reference).
 
@@ -50,7 +51,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from analysis.validation import as_float_array
+from analysis.validation import as_float_array, require_float
 from routelab.routing import Routing, require_routing
 
 __all__ = [
@@ -182,6 +183,7 @@ class LoadStats:
         experts_per_token_hist: Tensor | None = None,
         null_experts: Sequence[int] = (),
         reference_k: int | None = None,
+        ffn_entries: float | None = None,
     ) -> LoadStats:
         """The statistics of accumulated counts.
 
@@ -190,7 +192,8 @@ class LoadStats:
         ``capacity * E`` over the batches a capacity policy ran on (None: none ran);
         ``num_unrouted`` the tokens that kept no entry; ``experts_per_token_hist [E + 1]``
         tokens per number of kept entries; ``null_experts`` expert ids without FFN compute;
-        ``reference_k`` the top-k reference of ``flops_vs_topk``.
+        ``reference_k`` the top-k reference of ``flops_vs_topk``; ``ffn_entries`` the
+        rows the FFN experts ran (default: the kept entries not on ``null_experts``).
         """
         load_v = _as_vector("load", load)
         imp_v = load_v if importance is None else _as_vector("importance", importance)
@@ -229,6 +232,8 @@ class LoadStats:
                     f"got {tuple(hist.shape)}"
                 )
         ffn_kept = float(load_v.sum() - load_v[list(null)].sum())
+        if ffn_entries is not None:
+            ffn_kept = require_float("ffn_entries", ffn_entries, minimum=0.0)
         ffn_per_token = ffn_kept / num_tokens if num_tokens else 0.0
         return cls(
             importance=imp_v,
@@ -280,6 +285,7 @@ class LoadStats:
             ),
             null_experts=first.null_experts,
             reference_k=first.reference_k,
+            ffn_entries=sum(p.ffn_entries_per_token * p.num_tokens for p in parts),
         )
 
     @property
@@ -324,8 +330,12 @@ class LoadCounter:
         self.num_unrouted = 0
         self.capacity_slots: int | None = None
         self.experts_per_token_hist = torch.zeros(self.num_experts + 1, dtype=torch.float64)
+        self.ffn_entries = 0
 
-    def update(self, routing: Routing) -> LoadCounter:
+    def update(self, routing: Routing, *, ffn_entries: int | None = None) -> LoadCounter:
+        """Add one batch. ``ffn_entries``: the rows the FFN experts ran for it, where that
+        is not the routing's entries (a Soft MoE runs its slots); default: the entries
+        not on ``null_experts``."""
         require_routing(routing)
         if routing.num_experts != self.num_experts:
             raise ValueError(
@@ -339,6 +349,10 @@ class LoadCounter:
         self.experts_per_token_hist += torch.bincount(
             per_token.clamp(max=self.num_experts), minlength=self.num_experts + 1
         ).double()
+        if ffn_entries is None:
+            null = torch.tensor(self.null_experts, dtype=torch.int64)
+            ffn_entries = routing.num_entries - int(torch.isin(routing.expert.cpu(), null).sum())
+        self.ffn_entries += ffn_entries
         if routing.dropped is not None:
             self.num_dropped += routing.dropped.num_entries
         if routing.capacity is not None:
@@ -356,6 +370,7 @@ class LoadCounter:
             experts_per_token_hist=self.experts_per_token_hist,
             null_experts=self.null_experts,
             reference_k=self.reference_k,
+            ffn_entries=self.ffn_entries,
         )
 
 

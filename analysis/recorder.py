@@ -83,8 +83,7 @@ class RoutingRecorder:
         reference_k: the k of the top-k layer the variable-compute statistics compare
             with (``LoadStats.flops_vs_topk``); the expert ids an MoE layer's executor
             runs without FFN compute (``NullExperts.null_expert_ids``) are found by
-            themselves. SoftMoE layers get no reference (their dense token-level view
-            says nothing about their FLOPs: ``analysis.soft_moe_stats``).
+            themselves, and a SoftMoE's FFN work is its slots, not its dense token view.
 
     Use::
 
@@ -130,11 +129,12 @@ class RoutingRecorder:
             if isinstance(module, (MoE, SoftMoE)):
                 index = len(self._layers)
                 null = getattr(getattr(module, "experts", None), "null_expert_ids", ())
-                # a SoftMoE's token-level view is dense: its FLOPs are not its entries'
-                reference = reference_k if isinstance(module, MoE) else None
                 self._layers.append(
                     _Layer(
-                        name or "moe", module.num_experts, null_experts=null, reference_k=reference
+                        name or "moe",
+                        module.num_experts,
+                        null_experts=null,
+                        reference_k=reference_k,
                     )
                 )
                 # a SoftMoE has no router and no policies: its choice is what it ran
@@ -158,17 +158,19 @@ class RoutingRecorder:
             if self.mode == "eval" and module.training:
                 return
             routing = output.routing if hasattr(output, "routing") else output[1]
-            self.record(index, routing)
+            slots = getattr(output, "slot_routing", None)  # a SoftMoE runs its slots
+            self.record(index, routing, ffn_entries=None if slots is None else slots.num_entries)
             if as_router:
-                self._record_router(index, routing)
+                self._record_router(index, routing, slots)
 
         return hook
 
-    def _record_router(self, index: int, routing: Routing) -> None:
+    def _record_router(self, index: int, routing: Routing, slots: Routing | None = None) -> None:
         entry = self._layers[index]
         routing = routing.detach()
-        entry.router_total.update(routing)
-        entry.router_current.update(routing)
+        ffn_entries = None if slots is None else slots.num_entries
+        entry.router_total.update(routing, ffn_entries=ffn_entries)
+        entry.router_current.update(routing, ffn_entries=ffn_entries)
 
     def _router_hook_for(self, index: int, layer: nn.Module):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -210,8 +212,11 @@ class RoutingRecorder:
             labels, _ = as_labels("labels", flat.reshape(-1), None, self.num_labels)
         self._labels = labels
 
-    def record(self, layer: int | str, routing: Routing) -> None:
-        """Add one routing of ``layer`` (the hooks call this; usable by hand too)."""
+    def record(self, layer: int | str, routing: Routing, *, ffn_entries: int | None = None) -> None:
+        """Add one routing of ``layer`` (the hooks call this; usable by hand too).
+
+        ``ffn_entries``: the rows its FFN experts ran, where that is not the routing's
+        entries (a SoftMoE's slots; see ``LoadCounter.update``)."""
         index = self._index(layer)
         entry = self._layers[index]
         if routing.num_experts != entry.num_experts:
@@ -225,8 +230,8 @@ class RoutingRecorder:
                 f"routed {routing.num_tokens}; call set_labels with this batch's labels"
             )
         routing = routing.detach()
-        entry.total.update(routing)
-        entry.current.update(routing)
+        entry.total.update(routing, ffn_entries=ffn_entries)
+        entry.current.update(routing, ffn_entries=ffn_entries)
         if self._labels is not None:
             assert self.num_labels is not None
             flat = routing.expert.cpu() * self.num_labels + self._labels[routing.token.cpu()]

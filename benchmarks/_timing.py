@@ -8,7 +8,9 @@ would shadow the ``solvers`` package; importing this module removes the folder a
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,3 +42,20 @@ def time_side_by_side(
             fn()
             samples[name].append(clock() - start)
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def single_thread_cli(description: str | None) -> argparse.Namespace:
+    """The command line of a one-thread CPU benchmark: ``--quick`` and ``--repeats``.
+
+    Sets torch to one thread and prints the header line (fp32, forward + backward, the
+    median thread CPU time and the machine's load average)."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"fp32, forward + backward, median thread CPU time of {args.repeats}; load: {load}")
+    return args

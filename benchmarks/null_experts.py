@@ -19,13 +19,11 @@ the entry filter) and ``NullExperts / FFNExperts(k entries)`` (about ``1 - f``).
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import time
 from collections.abc import Callable
 
 import torch
-from _timing import time_side_by_side  # first: it keeps benchmarks/ off sys.path
+from _timing import single_thread_cli, time_side_by_side  # first: keeps benchmarks/ off sys.path
 
 from routelab import FFNExperts, Routing
 from routelab.null_experts import NullExperts
@@ -71,14 +69,8 @@ def bench(T: int, d: int, h: int, E: int, k: int, repeats: int) -> dict[str, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = single_thread_cli(__doc__)
     T, d, h, E, k = QUICK if args.quick else CONFIG
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"fp32, forward + backward, median thread CPU time of {args.repeats}; load: {load}")
     print(f"T={T} d={d} h={h} E_ffn={E} k={k} null experts: {NULL}")
     times = bench(T, d, h, E, k, args.repeats)
     full = times[f"FFNExperts, {k} FFN entries"]

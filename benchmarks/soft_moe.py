@@ -19,12 +19,10 @@ the overhead grows with S / h.
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import time
 
 import torch
-from _timing import time_side_by_side  # first: it keeps benchmarks/ off sys.path
+from _timing import single_thread_cli, time_side_by_side  # first: keeps benchmarks/ off sys.path
 
 from routelab import FFNExperts, Routing
 from routelab.soft_moe import SoftMoE
@@ -57,14 +55,8 @@ def bench(T: int, d: int, h: int, E: int, k: int, S: int, repeats: int) -> dict[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = single_thread_cli(__doc__)
     T, d, h, E, k, S = QUICK if args.quick else CONFIG
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"fp32, forward + backward, median thread CPU time of {args.repeats}; load: {load}")
     print(f"T={T} d={d} h={h} E={E} k={k} group size S={S}, slots per expert {max(1, S // E)}")
     times = bench(T, d, h, E, k, S, args.repeats)
     for name, seconds in times.items():

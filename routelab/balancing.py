@@ -268,14 +268,14 @@ class GlobalLoadCounts(BalancingState):
     balance loss (Qiu et al. 2025, Demons in the Detail: On Implementing Load Balancing
     Loss for Training Specialized Mixture-of-Expert Models; Qwen3-MoE).
 
-    A training forward calls :meth:`accumulate` with its micro-batch's load ``[E]`` and
+    A training forward calls ``accumulate`` with its micro-batch's load ``[E]`` and
     scores ``[T, E]``. They are observed into the pending sums (this micro-batch
     included), and the pending load, with this micro-batch's token count, is all-reduced
     over ``group`` (one ``[E + 1]`` float64 all-reduce per forward: Qiu et al.'s extra
     communication step). So micro-batch m of an optimiser step sees the load of
     micro-batches 1..m on every rank: the last micro-batch sees the whole global batch
     (Megatron-Core's ``global_aux_loss`` uses the same running counts). The explicit
-    update step (:func:`update_balancing`, after ``optimizer.step()``; pass the same
+    update step (``update_balancing``, after ``optimizer.step()``; pass the same
     group) stores the step's global statistics and clears the pending sums, so the next
     step starts from zero:
 
@@ -324,7 +324,7 @@ class GlobalLoadCounts(BalancingState):
         step's micro-batches so far on every rank, ``tokens = T_global / W`` with
         ``T_global`` this micro-batch's tokens summed over the W ranks (the normaliser
         that makes the mean of the ranks' losses the global one; see
-        :func:`routelab.losses.load_balance_loss`).
+        ``routelab.losses.load_balance_loss``).
         """
         load = torch.as_tensor(load).detach()
         if tuple(load.shape) != (self.num_experts,) or probs.shape[-1:] != load.shape:

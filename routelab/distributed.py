@@ -253,7 +253,7 @@ class ExpertParallelMoE(nn.Module):
             their gradients are those of replicated parameters.
 
     Like ``MoE``, the router gets the sequence layout and the layer supports router
-    replay (:class:`routelab.replay.RouterReplay`: record on every rank, replay on
+    replay (``routelab.replay.RouterReplay``: record on every rank, replay on
     every rank).
 
     Backward must run on every rank of the group (each exchange's backward is a
@@ -341,7 +341,7 @@ class ExpertParallelMoE(nn.Module):
         self, x: Tensor, token_ids: Tensor | None = None, *, sequence_length: int | None = None
     ) -> Routing:
         """The local routing of ``x [T_r, d]`` (global expert ids), before the policies
-        (recorded or replayed inside :class:`routelab.replay.RouterReplay`)."""
+        (recorded or replayed inside ``routelab.replay.RouterReplay``)."""
         fresh = None
         if self.assignment == "global":
 

@@ -41,17 +41,17 @@ class MoE(nn.Module):
     Sequence layout: for ``x [..., S, d]`` (3 or more dimensions) the router gets
     ``sequence_length = S`` when it declares ``uses_sequence_layout`` (the flattened
     tokens are sequence-major, token ``b * S + j`` = position j of sequence b); other
-    routers are called as ``router(x [T, d], token_ids)``. See :class:`routelab.Router`.
+    routers are called as ``router(x [T, d], token_ids)``. See ``routelab.Router``.
 
-    Router replay: inside :meth:`routelab.replay.RouterReplay.record` / ``replay`` the
-    router's routing is recorded / replayed (:mod:`routelab.replay`).
+    Router replay: inside ``routelab.replay.RouterReplay.record`` / ``replay`` the
+    router's routing is recorded / replayed (``routelab.replay``).
 
     Args:
-        router: a :class:`~routelab.Router` with ``num_experts`` E.
-        experts: an :class:`~routelab.experts.Experts` executor over the same E experts.
+        router: a ``routelab.Router`` with ``num_experts`` E.
+        experts: a ``routelab.experts.Experts`` executor over the same E experts.
         policies: ``Routing -> Routing`` transforms applied in order (capacity, balancing).
         shared_experts: an always-on module ``[T, d] -> [T, d]`` whose output is added to
-            the routed output (DeepSeekMoE; :class:`SharedExperts`), or None.
+            the routed output (DeepSeekMoE; ``SharedExperts``), or None.
     """
 
     supports_router_replay: ClassVar[bool] = True

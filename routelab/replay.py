@@ -24,8 +24,8 @@ same rule). A policy that chooses experts itself (``LossFreeBalancingPolicy``,
 the selection inside the router (``TopKRouter(selection_bias=True)``, whose bias is not
 applied to a replayed selection).
 
-How a router replays: a token-choice router (:class:`routelab.routers.topk.
-TokenChoiceRouter`: ``TopKGate``, ``TopKRouter``, the cosine gate, ...) implements
+How a router replays: a token-choice router (``routelab.routers.topk.
+TokenChoiceRouter``: ``TopKGate``, ``TopKRouter``, the cosine gate, ...) implements
 ``replay_route(x, token_ids, recorded, sequence_length=...)``, which recomputes its
 logits, weights, probs and losses for the recorded experts. Any other router is run as
 usual and its routing must select the recorded (token, expert) pairs (deterministic
@@ -216,8 +216,8 @@ def run_router(
     fresh: Callable[[], Routing] | None = None,
 ) -> Routing:
     """The router call of an MoE layer: passes the sequence layout to routers that declare
-    ``uses_sequence_layout`` (see :class:`routelab.Router`) and records or replays the
-    routing while ``layer`` is inside :meth:`RouterReplay.record` / ``replay``.
+    ``uses_sequence_layout`` (see ``routelab.Router``) and records or replays the
+    routing while ``layer`` is inside ``RouterReplay.record`` / ``replay``.
 
     ``fresh``: how the layer computes its routing when not replaying (default
     ``router(x, token_ids, ...)``; ExpertParallelMoE's global assignment passes its own).

@@ -45,7 +45,7 @@ GROUP_SCORES = ("top2", "max")
 
 
 class Selection(NamedTuple):
-    """The result of :meth:`TopKSelection.select` for ``T`` tokens and ``E`` experts.
+    """The result of ``TopKSelection.select`` for ``T`` tokens and ``E`` experts.
 
     ``indices`` int64 ``[T, k]`` the chosen experts (in selection order), ``weights``
     ``[T, k]`` their combine weights (differentiable), ``probs`` ``[T, E]`` the scores
@@ -176,7 +176,7 @@ class TopKSelection:
     ) -> Selection:
         """Select k experts per token from ``logits [T, E]``; see the class docstring.
 
-        ``selection_bias``: a :class:`~routelab.balancing.SelectionBias` (its ``b [E]``;
+        ``selection_bias``: a ``routelab.balancing.SelectionBias`` (its ``b [E]``;
         the chosen experts are observed into its pending load) or a tensor broadcastable
         to ``[T, E]`` added to the selection values. ``indices`` int ``[T, k]``: use this
         selection instead of choosing (router replay; nothing is observed); the weights
@@ -285,7 +285,7 @@ def _check_indices(indices: object, num_tokens: int, k: int, num_experts: int) -
 
 def topk_indices_of(routing: Routing, k: int) -> Tensor:
     """int64 ``[T, k]``: a routing's experts per token, in entry order (token-major
-    routings from :meth:`Routing.from_topk` keep their selection order). Raises a
+    routings from ``Routing.from_topk`` keep their selection order). Raises a
     ValueError unless every token has exactly k entries."""
     per_token = routing.entries_per_token()
     if routing.num_tokens and not bool((per_token == k).all()):
@@ -322,18 +322,18 @@ def topk_softmax_routing(
 class TokenChoiceRouter(Router):
     """Base class of token-choice routers: ``logits(x) [T, E] -> TopKSelection -> Routing``.
 
-    Subclasses implement :meth:`logits` (use :func:`routelab.router.router_logits` for
-    fp32 operands) and may extend :meth:`aux_losses`. The base class selects with
+    Subclasses implement ``logits`` (use ``routelab.router.router_logits`` for
+    fp32 operands) and may extend ``aux_losses``. The base class selects with
     ``self.selection``, adds the router z-loss (Zoph et al. 2022, ST-MoE eq. 5:
     ``z_weight * (1/T) sum_x logsumexp(logits(x))^2``, entry ``aux["z"]``) and supports
-    router replay (:meth:`replay_route`: the recorded experts, weights recomputed).
+    router replay (``replay_route``: the recorded experts, weights recomputed).
 
     Args:
         d_model: d.
         num_experts: E.
-        selection: the :class:`TopKSelection`.
+        selection: the ``TopKSelection``.
         z_weight: the z-loss coefficient >= 0 (0: off).
-        selection_bias: a :class:`~routelab.balancing.SelectionBias` over E experts, or None.
+        selection_bias: a ``routelab.balancing.SelectionBias`` over E experts, or None.
     """
 
     uses_sequence_layout = True
@@ -473,7 +473,7 @@ class TopKRouter(TokenChoiceRouter):
     """The configurable token-choice router of DeepSeek-V2/V3, Qwen-MoE and Megatron-Core.
 
     ``logits = x W`` (fp32 operands, ``W [d, E]``, no bias), then the
-    :class:`TopKSelection` (score function, normalisation, routed scaling factor,
+    ``TopKSelection`` (score function, normalisation, routed scaling factor,
     softmax before / after the top-k, group-limited routing, selection bias), then the
     auxiliary losses below, each off at weight 0 (entries of ``Routing.aux``). ``s'`` is
     the routing's ``probs [T, E]`` (scores normalised per token), ``TopK(t)`` the experts
@@ -490,11 +490,11 @@ class TopKRouter(TokenChoiceRouter):
     - ``global_balance`` (Qiu et al. 2025, Demons in the Detail; Qwen3-MoE): the balance
       loss with ``load_i`` counted over the global batch so far, all micro-batches of
       this optimiser step on all ranks of ``global_balance_group``
-      (:class:`~routelab.balancing.GlobalLoadCounts`), while ``s'`` keeps its local
-      gradient; see :func:`routelab.losses.load_balance_loss`.
+      (``routelab.balancing.GlobalLoadCounts``), while ``s'`` keeps its local
+      gradient; see ``routelab.losses.load_balance_loss``.
     - ``z``: the router z-loss (Zoph et al. 2022).
 
-    Selection bias (``selection_bias=True``): a :class:`~routelab.balancing.SelectionBias`
+    Selection bias (``selection_bias=True``): a ``routelab.balancing.SelectionBias``
     ``b [E]`` inside the top-k, ``TopK(v + b)``, weights from the unbiased scores; it
     changes only in ``update_balancing(model, group)`` after ``optimizer.step()``.
 
@@ -580,7 +580,7 @@ class TopKRouter(TokenChoiceRouter):
         cls, name: str, d_model: int, num_experts: int, **overrides: object
     ) -> TopKRouter:
         """``TopKRouter(d_model, num_experts, **TOPK_PRESETS[name], **overrides)``: the
-        router of a published model family (see :data:`TOPK_PRESETS`)."""
+        router of a published model family (see ``TOPK_PRESETS``)."""
         if name not in TOPK_PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(TOPK_PRESETS)}")
         return cls(d_model, num_experts, **{**TOPK_PRESETS[name], **overrides})  # type: ignore[arg-type]

@@ -88,8 +88,8 @@ def test_group_size_splits_a_flat_batch():
     parts = [grouped(x[a:b]).output for a, b in ((0, 3), (3, 6), (6, 7))]
     torch.testing.assert_close(out.output, torch.cat(parts))
     assert out.dispatch.shape == (3, 3, 2, 1) and out.routing.num_tokens == 7
-    assert float(out.dispatch[2, 1:].abs().sum()) == 0.0  # padding: no dispatch weight
-    assert float(out.combine[2, 1:].abs().sum()) == 0.0
+    assert out.dispatch[2, 1:].abs().sum().item() == 0.0  # padding: no dispatch weight
+    assert out.combine[2, 1:].abs().sum().item() == 0.0
 
 
 def test_gradients_reach_phi_scale_experts_and_input():
@@ -133,10 +133,13 @@ def test_soft_moe_layers_stack_in_deep_moe_and_are_recorded():
         num_experts=4,
         make_layer=lambda i: SoftMoE(8, 4, FFNExperts(4, 8, 16), group_size=4),
     )
-    with RoutingRecorder(model) as recorder:
+    with RoutingRecorder(model, reference_k=2) as recorder:
         out = model(torch.randn(10, 5))
         assert out.logits.shape == (10, 3)
         stats = recorder.stats(0)
         chosen = recorder.stats(0, stage="router")  # no router, no policies: the same
     assert stats.num_tokens == 10 and float(stats.importance.sum()) == pytest.approx(10.0)
     assert chosen.num_entries == stats.num_entries == 10 * 4
+    # FFN work: 3 groups of 4 (the last padded) x 4 slots = 12 rows for 10 tokens
+    assert stats.ffn_entries_per_token == pytest.approx(12 / 10)
+    assert stats.flops_vs_topk == pytest.approx(12 / 10 / 2)
