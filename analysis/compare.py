@@ -80,6 +80,7 @@ SECONDS_PER_STEP = {"tokens": 0.0095, "digits": 0.0100}
 SECONDS_PER_JOB = 0.5
 SECONDS_PER_WORKER = 4.5
 SECONDS_FIXED = 10.0
+REFERENCE_K = 2  # the top-k the variable-compute statistics compare with (LoadStats)
 
 
 @dataclass
@@ -262,7 +263,10 @@ def train_and_measure(
     torch.manual_seed(settings.seed)
     model = build_model(row, dataset, settings)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    train_rec = RoutingRecorder(model, num_labels=dataset.num_labels, mode="train")
+    # flops_vs_topk in the stats: FFN work per item relative to a top-2 layer
+    train_rec = RoutingRecorder(
+        model, num_labels=dataset.num_labels, mode="train", reference_k=REFERENCE_K
+    )
     probe = dataset.evaluation[0]
     mid_routing = None
     elapsed = cpu_elapsed = 0.0
@@ -289,7 +293,9 @@ def train_and_measure(
     end_routing = _probe_routing(model, probe)
     stability = routing_stability(mid_routing, end_routing) if mid_routing is not None else 0.0
 
-    eval_rec = RoutingRecorder(model, num_labels=dataset.num_labels, mode="eval")
+    eval_rec = RoutingRecorder(
+        model, num_labels=dataset.num_labels, mode="eval", reference_k=REFERENCE_K
+    )
     metric, eval_routings = _evaluate(model, dataset, eval_rec)
     eval_rec.remove()
 

@@ -35,6 +35,7 @@ from analysis.specialisation import frequency_buckets
 from routelab._validate import require_int
 from routelab.deep_moe import DeepMoE
 from routelab.moe import MoE
+from routelab.soft_moe import SoftMoE
 
 __all__ = ["DATASETS", "Batch", "Dataset", "TokenLM", "load_dataset"]
 
@@ -82,7 +83,7 @@ class Dataset:
     unit: str
     train_batches: list[Batch]
     evaluation: list[Batch]
-    build_model: Callable[[Callable[[int], MoE], int, int], nn.Module]
+    build_model: Callable[[Callable[[int], MoE | SoftMoE], int, int], nn.Module]
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -92,7 +93,7 @@ class TokenLM(nn.Module):
     ``inputs int64 [T, 2]`` (previous, current token) -> logits ``[T, V]``.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, moe: MoE) -> None:
+    def __init__(self, vocab_size: int, d_model: int, moe: MoE | SoftMoE) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
         self.embed_prev = nn.Embedding(vocab_size, d_model)
@@ -160,7 +161,9 @@ def _tokens(quick: bool, seed: int, batch_size: int, steps: int) -> Dataset:
     evaluation = [make(valid_ids, p) for p in positions.split(batch_size * 4)]
     train_batches = _training_batches(train, steps, batch_size, seed)
 
-    def build_model(make_layer: Callable[[int], MoE], d: int, num_experts: int) -> nn.Module:
+    def build_model(
+        make_layer: Callable[[int], MoE | SoftMoE], d: int, num_experts: int
+    ) -> nn.Module:
         return TokenLM(vocab, d, make_layer(0))
 
     return Dataset(
@@ -208,7 +211,9 @@ def _digits(quick: bool, seed: int, batch_size: int, steps: int) -> Dataset:
     evaluation = [make(rows) for rows in test_idx.split(512)]
     train_batches = _training_batches(train, steps, batch_size, seed)
 
-    def build_model(make_layer: Callable[[int], MoE], d: int, num_experts: int) -> nn.Module:
+    def build_model(
+        make_layer: Callable[[int], MoE | SoftMoE], d: int, num_experts: int
+    ) -> nn.Module:
         return DeepMoE(
             64,
             10,

@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -332,7 +332,7 @@ def inspect_model(
     metrics = {
         "model": {
             "class": type(model).__name__,
-            "model_type": model.config.model_type,
+            "model_type": cast(Any, model).config.model_type,
             "router_class": capture.spec.router_class,
             "semantics": capture.spec.notes,
             "transformers": require_transformers().__version__,

@@ -234,8 +234,8 @@ def _stdlib_stream(settings: LifelongSettings) -> Stream:
     for family, prefixes in FAMILIES.items():
         cap = 10 * settings.tokens_per_family if settings.quick else None
         tokens = _family_tokens(prefixes, root, cap)
-        chunks = _spread_chunks(len(tokens), settings.tokens_per_family)
-        texts[family] = [tokens[a:b] for a, b in chunks]
+        spans = _spread_chunks(len(tokens), settings.tokens_per_family)
+        texts[family] = [tokens[a:b] for a, b in spans]
     counts: dict[str, int] = {}
     for chunks in texts.values():
         for chunk in chunks:

@@ -212,6 +212,8 @@ class CompareRow:
     def make_router(self, d_model: int, num_experts: int, data: RoutingData) -> Router:
         if self.build_router is not None:
             return self.build_router(self, d_model, num_experts, data)
+        if not issubclass(self.router, Router):
+            raise TypeError(f"row {self.name!r}: {self.router.__name__} is a layer, not a router")
         return self.router(d_model, num_experts, **self.options)
 
     def make_policies(self, num_experts: int) -> list[Policy]:
@@ -219,9 +221,9 @@ class CompareRow:
 
     def build_layer(
         self, d_model: int, num_experts: int, data: RoutingData, *, d_hidden: int | None = None
-    ) -> MoE:
+    ) -> MoE | SoftMoE:
         """The MoE layer of this row: router, ``FFNExperts(E, d, d_hidden)`` (relu,
-        default ``d_hidden = 2 d``), policies."""
+        default ``d_hidden = 2 d``), policies; or what ``build_layer_with`` builds."""
         d_hidden = 2 * d_model if d_hidden is None else d_hidden
         if self.build_layer_with is not None:
             return self.build_layer_with(self, d_model, num_experts, data, d_hidden)

@@ -28,7 +28,7 @@ __all__ = ["DeepMoE", "DeepMoEOutput", "build_deep_moe"]
 
 RouterFactory = Callable[[int, int], Router]
 PolicyFactory = Callable[[int], Sequence[Policy]]
-LayerFactory = Callable[[int], MoE]
+LayerFactory = Callable[[int], "MoE | SoftMoE"]
 
 
 class DeepMoEOutput(NamedTuple):

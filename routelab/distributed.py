@@ -54,7 +54,7 @@ from routelab.moe import (
     flatten_tokens,
     sequence_length_of,
 )
-from routelab.policies import Policy, policy_list
+from routelab.policies import policy_list
 from routelab.replay import run_router
 from routelab.router import Router
 from routelab.routers.base_layer import BalancedAssignmentRouter
@@ -267,7 +267,7 @@ class ExpertParallelMoE(nn.Module):
         self,
         router: Router,
         experts: Experts,
-        policies: Sequence[Policy] = (),
+        policies: Sequence[nn.Module] = (),
         *,
         group: dist.ProcessGroup | None = None,
         assignment: str = "per_rank",

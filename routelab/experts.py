@@ -704,6 +704,12 @@ class FFNExperts(Experts):
             raise ValueError(
                 f"counts holds {segments.num_experts} experts, expected {self.num_experts}"
             )
+        if self._cache_local_loop(xs, xs.shape[0]):  # the CPU rule, as in forward
+            params = self._unbound_params()
+            parts = torch.split(xs, segments.sizes())
+            return torch.cat(
+                [expert_ffn(rows, *params[e], self.activation) for e, rows in enumerate(parts)]
+            )
         kernel = self.kernel(xs)
         try:
             return self._ffn(xs, segments, kernel)
@@ -727,8 +733,11 @@ class FFNExperts(Experts):
         """
         self.check_call(x, routing)
         plan = ExpertDispatch.plan(routing)
-        if self._cache_local_loop(x, routing):
-            return self._unbound_loop(x, plan)
+        if self._cache_local_loop(x, routing.num_entries):
+            params = self._unbound_params()
+            return plan.run_segments(
+                x, lambda e, rows: expert_ffn(rows, *params[e], self.activation), self.d_model
+            )
         xs = plan.gather(x)
         if not self._weights_hidden_rows(x, routing):
             return plan.combine(self.run_sorted(xs, plan.segments), x.shape[0], x.dtype)
@@ -744,7 +753,7 @@ class FFNExperts(Experts):
             y = y + routing.to_dense().to(x.dtype) @ self.b_out
         return y
 
-    def _cache_local_loop(self, x: Tensor, routing: Routing) -> bool:
+    def _cache_local_loop(self, x: Tensor, num_entries: int) -> bool:
         """The measured CPU rule (module docstring): ``"auto"`` on CPU with at most 64
         experts and at least 256 entries per expert on average runs each expert's whole
         FFN, forward and backward, in one go on rows still in cache."""
@@ -752,20 +761,17 @@ class FFNExperts(Experts):
             self.grouped_gemm == "auto"
             and x.device.type == "cpu"
             and self.num_experts <= 64
-            and routing.num_entries >= 256 * self.num_experts
+            and num_entries >= 256 * self.num_experts
             and not torch.compiler.is_compiling()
         )
 
-    def _unbound_loop(self, x: Tensor, plan: ExpertDispatch) -> Tensor:
-        """Per-expert autograd over views of the stacks, unbound once (indexing ``w[e]``
-        in the loop would make backward allocate a full ``[E, d, h]`` gradient per expert;
-        ``unbind`` stacks the per-expert gradients once instead)."""
+    def _unbound_params(self) -> list[tuple[Tensor | None, ...]]:
+        """Each expert's ``(w_in, w_out, b_in, b_out, w_gate)`` as views of the stacks,
+        unbound once (indexing ``w[e]`` in a loop would make backward allocate a full
+        ``[E, d, h]`` gradient per expert; ``unbind`` stacks the gradients once)."""
         stacks = [self.w_in, self.w_out, self.b_in, self.b_out, self.w_gate]
         views = [[None] * self.num_experts if t is None else t.unbind(0) for t in stacks]
-        params = list(zip(*views))
-        return plan.run_segments(
-            x, lambda e, rows: expert_ffn(rows, *params[e], self.activation), self.d_model
-        )
+        return list(zip(*views))
 
     def _weights_hidden_rows(self, x: Tensor, routing: Routing) -> bool:
         if self.d_hidden >= self.d_model or x.dtype in (torch.float16, torch.bfloat16):

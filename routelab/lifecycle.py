@@ -58,7 +58,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -365,12 +365,13 @@ class ExpertTensors:
 
 def _keep_expert_capacity(router: Router, old: int, new: int) -> None:
     """Expert choice: ``c = ceil(capacity_factor * T / E)`` per expert stays the same."""
-    exact = getattr(router, "_factor", None)  # the exact fraction the router computes with
+    target: Any = router
+    exact = getattr(target, "_factor", None)  # the exact fraction the router computes with
     if isinstance(exact, Fraction):
-        router._factor = exact * Fraction(new, old)  # type: ignore[attr-defined]
-        router.capacity_factor = float(router._factor)  # type: ignore[attr-defined]
+        target._factor = exact * Fraction(new, old)
+        target.capacity_factor = float(target._factor)
     else:
-        router.capacity_factor = router.capacity_factor * new / old  # type: ignore[operator]
+        target.capacity_factor = target.capacity_factor * new / old
 
 
 def _softmax_flags(router: Router, old: int, new: int) -> None:
@@ -540,7 +541,7 @@ def _remoe_target(router: Router, old: int, new: int) -> None:
     """ReMoE: the controller's target sparsity is ``1 - k / E``."""
     if router.k >= new:  # type: ignore[operator]
         raise ValueError(f"ReMoEGate needs k = {router.k} < num_experts = {new}")
-    router.controller.target_sparsity = 1.0 - router.k / new  # type: ignore[union-attr]
+    router.controller.target_sparsity = 1.0 - router.k / new  # type: ignore[union-attr, operator]
 
 
 _LINEAR = {"proj.weight": 0, "proj.bias": 0}
@@ -715,7 +716,7 @@ def _reindex_expert_state(module: nn.Module, plan: ExpertPlan) -> None:
                 for s, a in zip(plan.sources, plan.added)
             ]
             sub._buffers[name] = torch.stack(rows)
-        sub.num_experts = plan.num_new
+        cast(Any, sub).num_experts = plan.num_new
 
 
 def _reindex_policy(policy: nn.Module, plan: ExpertPlan) -> nn.Module:
@@ -1036,14 +1037,14 @@ def upcycle_ffn(ffn: nn.Module, router: Router, *, noise: float = 0.0, seed: int
         d, h = first.in_features, first.out_features
         if second.in_features != h or second.out_features != d:
             raise ValueError(f"ffn's second Linear must map {h} -> {d}")
-        factory = {"device": first.weight.device, "dtype": first.weight.dtype}
+        factory: dict[str, Any] = {"device": first.weight.device, "dtype": first.weight.dtype}
         experts = FFNExperts(E, d, h, activation=kind, bias=first.bias is not None, **factory)
         with torch.no_grad():
             experts.w_in.copy_(first.weight.t().expand(E, d, h))
             experts.w_out.copy_(second.weight.t().expand(E, h, d))
             if first.bias is not None:
-                experts.b_in.copy_(first.bias.expand(E, h))
-                experts.b_out.copy_(second.bias.expand(E, d))
+                cast(Tensor, experts.b_in).copy_(first.bias.expand(E, h))
+                cast(Tensor, experts.b_out).copy_(second.bias.expand(E, d))
     if experts.d_model != router.d_model:
         raise ValueError(f"router has d_model = {router.d_model}, the FFN {experts.d_model}")
     if noise:
@@ -1092,7 +1093,7 @@ class Freeze:
                 self._modules.append(moe.experts.experts[e])
         if gate:
             axes = router_surgery(moe.router).expert_axes(moe.router)
-            targets += [(_get_tensor(moe.router, n), a) for n, a in axes.items()]
+            targets += [(cast(Tensor, _get_tensor(moe.router, n)), a) for n, a in axes.items()]
         for param, axis in targets:
             if not isinstance(param, nn.Parameter) or not self.frozen:
                 continue
@@ -1284,7 +1285,7 @@ def successor_pairs(
     for name, axis in router_surgery(old.router).expert_axes(old.router).items():
         axes[f"router.{name}"] = axis
     old_params = dict(old.named_parameters())
-    pairs = []
+    pairs: list[tuple[nn.Parameter, nn.Parameter, int, Sequence[int | None]]] = []
     for name, new_p in new.named_parameters():
         old_p = old_params.get(name)
         if old_p is None:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from routelab._validate import require_bool, require_int
 from routelab.experts import Experts, FFNExperts
-from routelab.policies import Policy, policy_list
+from routelab.policies import policy_list
 from routelab.replay import run_router
 from routelab.router import Router, router_logits
 from routelab.routing import Routing
@@ -60,7 +60,7 @@ class MoE(nn.Module):
         self,
         router: Router,
         experts: Experts,
-        policies: Sequence[Policy] = (),
+        policies: Sequence[nn.Module] = (),
         *,
         shared_experts: nn.Module | None = None,
     ) -> None:

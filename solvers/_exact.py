@@ -204,8 +204,8 @@ def finish(
             else:
                 kd[entry] += 1
                 free_dummies -= 1
-            for e in set(path):
-                graph.refresh(e)
+            for touched in set(path):
+                graph.refresh(touched)
         if len(paths) > 1:
             augmentations -= 1
     return owner, p - p.min(), augmentations

@@ -69,7 +69,7 @@ def linear_program(S: np.ndarray, cap: np.ndarray, *, solver: str | None = None)
         ) from None
     if problem.status not in ("optimal", "optimal_inaccurate"):
         raise RuntimeError(f"method='lp': cvxpy returned status {problem.status!r}")
-    return np.asarray(np.argmax(X.value, axis=1), dtype=np.int64)
+    return np.asarray(np.argmax(np.asarray(X.value), axis=1), dtype=np.int64)
 
 
 def min_cost_flow(S: np.ndarray, cap: np.ndarray, *, bits: int = 40) -> np.ndarray:

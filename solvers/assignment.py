@@ -285,6 +285,7 @@ def _solve_exact(ops, work: Working, cap, cap_x, *, tol, eps_start, factor, swit
     C = ops.to_numpy(work.clipped)
     T, E = C.shape
     switch = _switch(switch, T, 64)
+    owner: np.ndarray | None
     if work.spread == 0.0:  # every score equal: any feasible assignment is optimal
         owner = np.repeat(np.arange(E), cap)[:T]
         return ops.from_numpy(owner, work.scaled), ops.full(E, 0.0), 0
@@ -330,6 +331,7 @@ def _solve_exact(ops, work: Working, cap, cap_x, *, tol, eps_start, factor, swit
                 p, bad = p_done, bad_done
             break
         eps = eps_final / factor
+    assert owner is not None  # finals is never empty: the loop ran
     owner[bad] = -1
     owner, p, aug = finish(C, cap, p, owner, 0.0)
     rounds += aug

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -162,7 +162,7 @@ class RoutingCapture:
     @property
     def num_experts(self) -> list[int]:
         """E of every layer."""
-        return [int(m.num_experts) for _, m in self.routers]
+        return [int(cast(Any, m).num_experts) for _, m in self.routers]
 
     def routings(self, layer: int) -> list[Routing]:
         """Every Routing ``layer`` made, in call order."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -281,7 +281,7 @@ def swap_router(
     elif isinstance(layer, (list, tuple)):
         chosen = [_layer_index(names, item) for item in layer]
     else:
-        chosen = [_layer_index(names, layer)]
+        chosen = [_layer_index(names, cast("int | str", layer))]
     used: list[Routing] = []
     token_ids: dict[str, Tensor] = {}
     config = getattr(model, "config", None)
@@ -341,7 +341,7 @@ def model_inputs(model: nn.Module, ids: Tensor) -> dict[str, Tensor]:
         ids = ids.unsqueeze(0)
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
-        shifted = model.prepare_decoder_input_ids_from_labels(labels=ids)
+        shifted = cast(Any, model).prepare_decoder_input_ids_from_labels(labels=ids)
         return {"input_ids": ids, "decoder_input_ids": shifted, "labels": ids}
     return {"input_ids": ids, "labels": ids}
 

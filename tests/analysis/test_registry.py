@@ -18,6 +18,7 @@ from routelab import MoE
 from routelab.policies import CapacityPolicy, PausingPolicy, Policy
 from routelab.router import Router
 from routelab.routers import SwitchGate, TopKGate
+from routelab.soft_moe import SoftMoE
 
 # The rows the foundation and the first round registered, written out by hand (rows
 # other engineers add come on top; none of these may disappear or be renamed).
@@ -59,12 +60,14 @@ def test_the_foundation_rows_are_registered_in_order():
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_row_holds_classes_and_builds_a_layer_that_routes(name):
     row = REGISTRY[name]
-    assert isinstance(row.router, type) and issubclass(row.router, Router)
+    # a router class, or a layer class its own layer builder uses (Soft MoE)
+    assert isinstance(row.router, type)
+    assert issubclass(row.router, Router) or row.build_layer_with is not None
     assert all(issubclass(spec.policy, Policy) for spec in row.policies)
     assert set(row.datasets) <= set(DATASETS)
     torch.manual_seed(0)
     layer = row.build_layer(8, 4, _Data())
-    assert isinstance(layer, MoE) and layer.num_experts >= 4
+    assert isinstance(layer, (MoE, SoftMoE)) and layer.num_experts >= 4
     x, ids = torch.randn(32, 8), torch.arange(32) % 40
     out = layer(x, ids)
     assert out.output.shape == (32, 8)

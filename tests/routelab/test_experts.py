@@ -401,10 +401,17 @@ def test_cpu_cache_local_loop_equals_dense_reference(activation):
     routing = Routing.from_topk(
         torch.argsort(torch.rand(T, E), dim=1)[:, :1], torch.rand(T, 1, dtype=torch.float64), E
     )
-    assert experts._cache_local_loop(torch.zeros(1, d, dtype=torch.float64), routing)
+    assert experts._cache_local_loop(torch.zeros(1, d, dtype=torch.float64), T)
     x = torch.randn(T, d, dtype=torch.float64)
     coef = torch.randn(T, d, dtype=torch.float64)
     got = _run(experts, "forward", x, routing, coef)
     want = _run(experts, "dense_forward", x, routing, coef)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    plan = ExpertDispatch.plan(routing)  # and the entry point for sorted rows
+    rows = plan.gather(x)
+    ids = plan.expert.tolist()
+    torch.testing.assert_close(
+        experts.run_sorted(rows, plan.counts),
+        torch.cat([experts.expert_forward(e, rows[n : n + 1]) for n, e in enumerate(ids)]),
+    )
