@@ -53,7 +53,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -300,19 +300,23 @@ def _grouped_linear_grads(
     need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad xs [N, a], grad weight [E, a, b], grad bias [E, b])``; an empty tensor
-    stands for a gradient not asked for. The weight gradient of every expert is written
+    (a new one each: a custom operator's outputs must not alias) stands for a gradient
+    not asked for. The weight gradient of every expert is written
     once into one ``[E, a, b]`` tensor (no per-expert gradients to re-stack)."""
     grad = grad.contiguous()
-    none = grad.new_empty(0)
     if kernel == "grouped":
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        grad_x = torch._grouped_mm(grad, weight.transpose(-2, -1), offs=offs) if need_x else none
-        grad_w = none
+        grad_x = (
+            torch._grouped_mm(grad, weight.transpose(-2, -1), offs=offs)
+            if need_x
+            else grad.new_empty(0)
+        )
+        grad_w = grad.new_empty(0)
         if need_w and _host_segment_loops(xs):
             grad_w = _segment_weight_grad(xs, grad, _segment_sizes(counts), weight)
         elif need_w:
             grad_w = torch._grouped_mm(xs.t(), grad, offs=offs)
-        grad_b = none
+        grad_b = grad.new_empty(0)
         if need_b and _host_segment_loops(xs):
             grad_b = _segment_bias_grad(grad, _segment_sizes(counts), weight.shape[0])
         elif need_b:
@@ -323,14 +327,14 @@ def _grouped_linear_grads(
             grad_b.index_add_(0, row_expert, grad)
         return grad_x, grad_w, grad_b
     sizes = _segment_sizes(counts)
-    grad_x = torch.empty_like(xs) if need_x else none
+    grad_x = torch.empty_like(xs) if need_x else grad.new_empty(0)
     start = 0
     for e, n in enumerate(sizes):
         if n and need_x:
             torch.mm(grad[start : start + n], weight[e].t(), out=grad_x[start : start + n])
         start += n
-    grad_w = _segment_weight_grad(xs, grad, sizes, weight) if need_w else none
-    grad_b = _segment_bias_grad(grad, sizes, weight.shape[0]) if need_b else none
+    grad_w = _segment_weight_grad(xs, grad, sizes, weight) if need_w else grad.new_empty(0)
+    grad_b = _segment_bias_grad(grad, sizes, weight.shape[0]) if need_b else grad.new_empty(0)
     return grad_x, grad_w, grad_b
 
 
@@ -374,11 +378,10 @@ def _(
     need_w: bool,
     need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    none = grad.new_empty(0)
     return (
-        torch.empty_like(xs) if need_x else none,
-        torch.empty_like(weight) if need_w else none,
-        grad.new_empty((weight.shape[0], weight.shape[2])) if need_b else none,
+        torch.empty_like(xs) if need_x else grad.new_empty(0),
+        torch.empty_like(weight) if need_w else grad.new_empty(0),
+        grad.new_empty((weight.shape[0], weight.shape[2])) if need_b else grad.new_empty(0),
     )
 
 
@@ -543,6 +546,10 @@ class Experts(nn.Module):
         )
 
 
+# one expert's (w_in, w_out, b_in, b_out, w_gate), as expert_ffn takes them
+_ExpertParams = tuple[Tensor, Tensor, "Tensor | None", "Tensor | None", "Tensor | None"]
+
+
 def expert_ffn(
     x: Tensor,
     w_in: Tensor,
@@ -596,6 +603,8 @@ class FFNExperts(Experts):
             error where it cannot run); ``False`` always the segment kernel.
     """
 
+    d_model: int
+
     def __init__(
         self,
         num_experts: int,
@@ -618,7 +627,7 @@ class FFNExperts(Experts):
             raise ValueError(f"grouped_gemm must be True, False or 'auto', got {grouped_gemm!r}")
         self.activation = activation
         self.grouped_gemm = grouped_gemm
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         E, d, h = num_experts, d_model, d_hidden
         self.w_in = nn.Parameter(torch.empty(E, d, h, **factory))
         self.w_out = nn.Parameter(torch.empty(E, h, d, **factory))
@@ -765,13 +774,13 @@ class FFNExperts(Experts):
             and not torch.compiler.is_compiling()
         )
 
-    def _unbound_params(self) -> list[tuple[Tensor | None, ...]]:
+    def _unbound_params(self) -> list[_ExpertParams]:
         """Each expert's ``(w_in, w_out, b_in, b_out, w_gate)`` as views of the stacks,
         unbound once (indexing ``w[e]`` in a loop would make backward allocate a full
         ``[E, d, h]`` gradient per expert; ``unbind`` stacks the gradients once)."""
         stacks = [self.w_in, self.w_out, self.b_in, self.b_out, self.w_gate]
         views = [[None] * self.num_experts if t is None else t.unbind(0) for t in stacks]
-        return list(zip(*views))
+        return cast("list[_ExpertParams]", list(zip(*views)))
 
     def _weights_hidden_rows(self, x: Tensor, routing: Routing) -> bool:
         if self.d_hidden >= self.d_model or x.dtype in (torch.float16, torch.bfloat16):

@@ -146,6 +146,10 @@ def test_grouped_linear_kernels_match_per_expert_matmuls(kernel, per_segment_bia
     want = torch.autograd.grad(ref, (xs, w, b), grad)
     for a, c in zip(got, want):
         torch.testing.assert_close(a, c)
+    # only the weight's gradient asked for (two outputs of the gradient op unused)
+    (g_w,) = torch.autograd.grad(grouped_linear(xs.detach(), w, None, counts, kernel).sum(), w)
+    ref_w = torch.einsum("na,nab->nb", xs.detach(), w[expert])
+    torch.testing.assert_close(g_w, torch.autograd.grad(ref_w.sum(), w)[0])
     with pytest.raises(ValueError, match="kernel"):
         grouped_linear(xs, w, b, counts, "fast")
 
