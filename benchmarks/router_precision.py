@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+import _timing  # noqa: F401  (first: it keeps benchmarks/ off sys.path)
 import torch
 
 from routelab.router import router_logits

@@ -35,15 +35,73 @@ def _lse(A: np.ndarray, axis: int, *, overwrite: bool = False) -> np.ndarray:
     return (np.log(exps.sum(axis=axis, keepdims=True)) + m).squeeze(axis)
 
 
+# Largest spread of S / tau for which the scaling-domain sweeps are used: the kernel
+# exp(X - rowmax) then stays >= e^-200 and the products with the column scalings far
+# above float64's smallest normal (1e-308), so nothing underflows.
+_SCALING_MAX_SPREAD = 200.0
+
+
+def _sweeps_scaling(
+    X: np.ndarray, cap: np.ndarray, log_c: np.ndarray, K: float, max_iter: int, tol: float
+) -> tuple[np.ndarray, int] | None:
+    """The log-domain sweeps of :func:`sinkhorn_potentials_numpy` written with the kernel
+    ``k_te = exp(X_te - max_e X_te)`` computed once (the same potentials up to float64
+    rounding): with ``u = exp(g - max g)`` and the row sums ``r = k u``,
+
+        lse_e(X_te + g_e) = max_e X_te + max g + log r_t                 [T]
+        lse_t(X_te + f_t) = -max g + log (k^T (1 / r))_e                 [E]
+
+    so each sweep is two matrix-vector products instead of two passes of exp over
+    ``[T, E]``. Returns None when a row or column sum is not a positive finite number
+    (the caller then runs the log-domain sweeps)."""
+    T, E = X.shape
+    row_max = X.max(axis=1)
+    kernel = np.exp(X - row_max[:, None])  # [T, E], entries in [e^-spread, 1]
+    kernel_t = np.ascontiguousarray(kernel.T)  # [E, T]
+    open_ = cap > 0
+    g = np.zeros(E)
+    it = 0
+    while it < max_iter:
+        it += 1
+        g_max = g.max()
+        u = np.exp(g - g_max)  # [E], closed experts: exactly 0
+        rows = kernel @ u  # [T]
+        cols = kernel_t @ (1.0 / rows)  # [E]
+        if not (np.isfinite(rows).all() and (rows > 0).all() and np.isfinite(cols).all()):
+            return None
+        with np.errstate(divide="ignore"):
+            lse = np.log(cols) - g_max
+        if K > 0:  # the dummy row: zero scores, mass K, potential log K - lse(g)
+            dummy = np.log(K) - (g_max + np.log(u.sum()))
+            lse = np.logaddexp(lse, dummy)
+        if not np.isfinite(lse[open_]).all():
+            return None
+        g_new = np.where(open_, log_c - lse, -1e300)
+        err = float(np.abs(np.exp(lse + g) - cap).sum()) / max(T, 1)
+        g = g_new
+        if err < tol:
+            break
+    return g, it
+
+
 def sinkhorn_potentials_numpy(
     S: np.ndarray, cap: np.ndarray, *, tau: float, max_iter: int, tol: float
 ) -> tuple[np.ndarray, int]:
-    """numpy twin of :func:`sinkhorn_potentials` (CPU inputs): ``(g [E], iterations)``."""
+    """numpy twin of :func:`sinkhorn_potentials` (CPU inputs): ``(g [E], iterations)``.
+
+    When the scores' spread over tau is at most 200 (the default temperature gives 100)
+    the sweeps run in the scaling domain (:func:`_sweeps_scaling`: two matrix-vector
+    products per sweep, several times faster); otherwise, or if a sum leaves the
+    positive finite range, in the log domain."""
     T, E = S.shape
     K = float(cap.sum()) - T
     with np.errstate(divide="ignore"):
         log_c = np.where(cap > 0, np.log(np.maximum(cap, 1).astype(np.float64)), -np.inf)
     X = S / tau
+    if T and E and np.isfinite(X).all() and float(np.ptp(X)) <= _SCALING_MAX_SPREAD:
+        scaled = _sweeps_scaling(X, cap, log_c, K, max_iter, tol)
+        if scaled is not None:
+            return scaled[0] * tau, scaled[1]
     XT = np.ascontiguousarray(X.T)
     g = np.zeros(E)
     rows_buf, cols_buf = np.empty_like(X), np.empty((E, T + (K > 0)))  # scratch, reused
