@@ -98,10 +98,19 @@ def sinkhorn_potentials_numpy(
     with np.errstate(divide="ignore"):
         log_c = np.where(cap > 0, np.log(np.maximum(cap, 1).astype(np.float64)), -np.inf)
     X = S / tau
+    swept = None
     if T and E and np.isfinite(X).all() and float(np.ptp(X)) <= _SCALING_MAX_SPREAD:
-        scaled = _sweeps_scaling(X, cap, log_c, K, max_iter, tol)
-        if scaled is not None:
-            return scaled[0] * tau, scaled[1]
+        swept = _sweeps_scaling(X, cap, log_c, K, max_iter, tol)
+    g, it = _sweeps_log(X, cap, log_c, K, max_iter, tol) if swept is None else swept
+    return g * tau, it
+
+
+def _sweeps_log(
+    X: np.ndarray, cap: np.ndarray, log_c: np.ndarray, K: float, max_iter: int, tol: float
+) -> tuple[np.ndarray, int]:
+    """The log-domain sweeps on ``X = S / tau`` ``[T, E]`` (stable for any spread):
+    ``(g / tau [E], iterations)``."""
+    T, E = X.shape
     XT = np.ascontiguousarray(X.T)
     g = np.zeros(E)
     rows_buf, cols_buf = np.empty_like(X), np.empty((E, T + (K > 0)))  # scratch, reused
@@ -118,7 +127,7 @@ def sinkhorn_potentials_numpy(
         g = g_new
         if err < tol:
             break
-    return g * tau, it
+    return g, it
 
 
 def sinkhorn_potentials(
