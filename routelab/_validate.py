@@ -10,14 +10,13 @@ ValueError (right kind, out of range) whose message names the argument and the v
 
 ``bool`` is never accepted where a number is expected (``True`` is an ``int`` in Python,
 but ``k=True`` is a mistake). NaN is never a valid number; infinity only with
-``finite=False``.
+``finite=False``. ``require_int`` and ``require_float`` are ``solvers._validate``'s (one
+implementation for the project; routelab may import solvers, never the reverse).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import operator
 from collections.abc import Iterable, Iterator
 from decimal import Decimal
 from fractions import Fraction
@@ -25,6 +24,9 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+# the scalar checks have one implementation, in the package below routelab
+from solvers._validate import _is_bool, require_float, require_int
 
 __all__ = [
     "INT64_MAX",
@@ -69,89 +71,6 @@ def validation(enabled: bool) -> Iterator[None]:
 
 
 _T = TypeVar("_T")
-
-
-def _is_bool(value: object) -> bool:
-    return isinstance(value, bool) or type(value).__name__ in ("bool_", "bool")
-
-
-def require_int(
-    name: str, value: object, minimum: int | None = None, maximum: int | None = None
-) -> int:
-    """``value`` as a Python int (any integer type with ``__index__``, never bool or float)
-    with ``minimum <= value <= maximum`` where given."""
-    if (
-        _is_bool(value)
-        or isinstance(value, float)
-        or (isinstance(value, Tensor) and not _is_int_tensor(value))
-    ):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    try:
-        result = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})") from None
-    if minimum is not None and result < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {result}")
-    if maximum is not None and result > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {result}")
-    return result
-
-
-def _is_int_tensor(value: object) -> bool:
-    return (
-        isinstance(value, Tensor)
-        and value.dim() == 0
-        and not value.is_floating_point()
-        and not value.is_complex()
-        and value.dtype != torch.bool
-    )
-
-
-def require_float(
-    name: str,
-    value: object,
-    *,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    above: float | None = None,
-    below: float | None = None,
-    finite: bool = True,
-) -> float:
-    """``value`` (an int or float, never bool, never NaN) as a Python float.
-
-    ``minimum`` / ``maximum`` are closed bounds, ``above`` / ``below`` open ones;
-    ``finite=False`` admits ``inf`` / ``-inf`` (still subject to the bounds).
-    """
-    if _is_bool(value) or isinstance(value, (str, bytes, complex)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(
-                f"{name} must be a real number, got a tensor of shape "
-                f"{tuple(value.shape)} and dtype {value.dtype}"
-            )
-        value = value.item()
-    try:
-        result = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{name} must be a real number, got {type(value).__name__} ({value!r})"
-        ) from None
-    except OverflowError:
-        raise ValueError(f"{name} is too large for a float: {value!r}") from None
-    if math.isnan(result):
-        raise ValueError(f"{name} must be a number, got NaN")
-    if finite and math.isinf(result):
-        raise ValueError(f"{name} must be finite, got {result}")
-    if minimum is not None and not result >= minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    if maximum is not None and not result <= maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value!r}")
-    if above is not None and not result > above:
-        raise ValueError(f"{name} must be > {above}, got {value!r}")
-    if below is not None and not result < below:
-        raise ValueError(f"{name} must be < {below}, got {value!r}")
-    return result
 
 
 def require_optional_int(

@@ -8,8 +8,9 @@ solver input as a float64 numpy array, plus the torch tensor it came from) and
 :func:`like_source` (results back to torch). The assignment problem's own checks:
 :func:`check_scores`, :func:`check_capacity`.
 
-(``routelab`` has a twin, ``routelab._validate``, with the same message style: ``solvers``
-never imports ``routelab``.)
+The scalar checks (:func:`require_int`, :func:`require_float`) are the project's one
+implementation: ``routelab._validate`` re-exports them (``solvers`` never imports
+``routelab``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def require_int(
 ) -> int:
     """``value`` as a Python int (any integer type with ``__index__``: Python, numpy, a 0-d
     integer tensor; never bool or float) with ``minimum <= value <= maximum`` where given."""
-    if _is_bool(value) or isinstance(value, float) or (is_torch(value) and _float_tensor(value)):
+    if _is_bool(value) or isinstance(value, float) or (is_torch(value) and _not_int_tensor(value)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     try:
         result = operator.index(value)  # type: ignore[arg-type]
@@ -64,8 +65,13 @@ def require_int(
     return result
 
 
-def _float_tensor(value: Any) -> bool:
-    return bool(value.is_floating_point() or value.is_complex() or value.dim() != 0)
+def _not_int_tensor(value: Any) -> bool:
+    return bool(
+        value.is_floating_point()
+        or value.is_complex()
+        or value.dim() != 0
+        or str(value.dtype) == "torch.bool"
+    )
 
 
 def require_float(
@@ -73,15 +79,33 @@ def require_float(
     value: object,
     *,
     minimum: float | None = None,
+    maximum: float | None = None,
     above: float | None = None,
+    below: float | None = None,
     finite: bool = True,
 ) -> float:
-    """``value`` (an int or float, never bool, never NaN) as a Python float; ``minimum`` is a
-    closed bound, ``above`` an open one; ``finite=False`` admits ``inf``."""
-    if _is_bool(value) or not isinstance(value, (int, float, np.integer, np.floating)):
+    """``value`` (an int or float, or a one-element real tensor; never bool, never NaN) as a
+    Python float.
+
+    ``minimum`` / ``maximum`` are closed bounds, ``above`` / ``below`` open ones;
+    ``finite=False`` admits ``inf`` / ``-inf`` (still subject to the bounds).
+    """
+    if _is_bool(value) or isinstance(value, (str, bytes, complex)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    if is_torch(value):
+        tensor: Any = value
+        if tensor.numel() != 1 or tensor.is_complex() or str(tensor.dtype) == "torch.bool":
+            raise TypeError(
+                f"{name} must be a real number, got a tensor of shape "
+                f"{tuple(tensor.shape)} and dtype {tensor.dtype}"
+            )
+        value = tensor.item()
     try:
-        result = float(value)
+        result = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{name} must be a real number, got {type(value).__name__} ({value!r})"
+        ) from None
     except OverflowError:
         raise ValueError(f"{name} is too large for a float: {value!r}") from None
     if math.isnan(result):
@@ -90,8 +114,12 @@ def require_float(
         raise ValueError(f"{name} must be finite, got {result}")
     if minimum is not None and not result >= minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if maximum is not None and not result <= maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value!r}")
     if above is not None and not result > above:
         raise ValueError(f"{name} must be > {above}, got {value!r}")
+    if below is not None and not result < below:
+        raise ValueError(f"{name} must be < {below}, got {value!r}")
     return result
 
 
