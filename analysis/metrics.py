@@ -51,7 +51,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from analysis.validation import as_float_array, require_float
+from analysis.validation import (
+    as_float_array,
+    require_float,
+    require_int,
+    require_optional_int,
+)
 from routelab.routing import Routing, require_routing
 
 __all__ = [
@@ -219,10 +224,7 @@ class LoadStats:
             raise ValueError(
                 f"null_experts must be expert ids in [0, {load_v.shape[0]}), got {null}"
             )
-        if reference_k is not None and (
-            isinstance(reference_k, bool) or not isinstance(reference_k, int) or reference_k < 1
-        ):
-            raise ValueError(f"reference_k must be an int >= 1 or None, got {reference_k!r}")
+        reference_k = require_optional_int("reference_k", reference_k, 1)
         hist = None
         if experts_per_token_hist is not None:
             hist = _as_vector("experts_per_token_hist", experts_per_token_hist)
@@ -315,9 +317,7 @@ class LoadCounter:
     def __init__(
         self, num_experts: int, *, null_experts: Sequence[int] = (), reference_k: int | None = None
     ) -> None:
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-        self.num_experts = num_experts
+        self.num_experts = require_int("num_experts", num_experts, 1)
         self.null_experts = tuple(null_experts)
         self.reference_k = reference_k
         self.reset()

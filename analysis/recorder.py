@@ -32,7 +32,7 @@ from analysis.metrics import LoadCounter, LoadStats
 from analysis.specialisation import Specialisation, expert_indicator, specialisation
 from analysis.validation import as_labels, require_choice, require_int
 from routelab.moe import MoE
-from routelab.routing import Routing, _require_int
+from routelab.routing import Routing
 from routelab.soft_moe import SoftMoE
 
 __all__ = ["RoutingRecorder"]
@@ -123,7 +123,7 @@ class RoutingRecorder:
         self.history: list[dict[str, LoadStats]] = []
         self.router_history: list[dict[str, LoadStats]] = []
         for name, num_experts in layers or ():  # layers recorded by hand (record())
-            num_experts = _require_int("num_experts", num_experts, 1)
+            num_experts = require_int("num_experts", num_experts, 1)
             self._layers.append(_Layer(name, num_experts, reference_k=reference_k))
         for name, module in model.named_modules() if layers is None else ():
             if isinstance(module, (MoE, SoftMoE)):
@@ -287,8 +287,7 @@ class RoutingRecorder:
             if layer not in names:
                 raise KeyError(f"no MoE layer named {layer!r}; layers are {names}")
             return names.index(layer)
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layer must be an int index or a name, got {layer!r}")
+        layer = require_int("layer", layer)
         if not -len(self._layers) <= layer < len(self._layers):
             raise IndexError(f"layer index {layer} out of range for {len(self._layers)} layers")
         return layer % len(self._layers)

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from routelab._validate import require_int, require_optional_int
+
 __all__ = ["TOKEN_PATTERN", "UNK", "TokenCorpus", "load_stdlib_corpus", "stdlib_files", "tokenize"]
 
 UNK = "<unk>"
@@ -132,15 +134,6 @@ def _stdlib_root() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def _check_optional_int(name: str, value: object, minimum: int) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def load_stdlib_corpus(
     vocab_size: int = 8192, *, max_files: int | None = None, max_tokens: int | None = None
 ) -> TokenCorpus:
@@ -154,12 +147,9 @@ def load_stdlib_corpus(
 
     Returns a :class:`TokenCorpus`; identical on every run on the same installation.
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
-    if vocab_size < 2:
-        raise ValueError(f"vocab_size must be >= 2 (<unk> plus one token), got {vocab_size}")
-    _check_optional_int("max_files", max_files, 1)
-    _check_optional_int("max_tokens", max_tokens, 1)
+    vocab_size = require_int("vocab_size", vocab_size, 2)  # <unk> plus one token
+    max_files = require_optional_int("max_files", max_files, 1)
+    max_tokens = require_optional_int("max_tokens", max_tokens, 1)
     ids, vocab, counts, files, root = _load_cached(vocab_size, max_files, max_tokens)
     return TokenCorpus(
         ids=torch.from_numpy(ids.copy()),

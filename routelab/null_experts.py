@@ -26,8 +26,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from routelab._validate import require_int
 from routelab.experts import Experts, ExpertSegments
-from routelab.routing import Routing, _require_int
+from routelab.routing import Routing
 
 __all__ = ["NULL_KINDS", "NullExperts"]
 
@@ -64,15 +65,15 @@ class NullExperts(Experts):
         self.experts = experts
         self.num_ffn = int(experts.num_experts)
         counts = {
-            "zero": _require_int("num_zero", num_zero, 0),
-            "copy": _require_int("num_copy", num_copy, 0),
-            "constant": _require_int("num_constant", num_constant, 0),
+            "zero": require_int("num_zero", num_zero, 0),
+            "copy": require_int("num_copy", num_copy, 0),
+            "constant": require_int("num_constant", num_constant, 0),
         }
         self.null_counts = counts
         self.num_experts = self.num_ffn + sum(counts.values())
         self.d_model = getattr(experts, "d_model", None) if d_model is None else d_model
         if self.d_model is not None:
-            _require_int("d_model", self.d_model, 1)
+            require_int("d_model", self.d_model, 1)
         if counts["constant"] and self.d_model is None:
             raise ValueError("constant experts need d_model (give d_model= for ModuleExperts)")
         width = self.d_model or 0

@@ -28,11 +28,6 @@ from routelab._validate import (
 __all__ = ["Routing"]
 
 
-def _require_int(name: str, value: object, minimum: int) -> int:
-    """Kept for the modules that still import it; new code uses routelab._validate."""
-    return require_int(name, value, minimum)
-
-
 class FrozenAux(dict):  # type: ignore[type-arg]
     """``Routing.aux``: a read-only ``dict[str, Tensor]`` (a Routing is immutable).
 

@@ -28,6 +28,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from routelab._validate import require_int
 from routelab.hf.capture import find_routers, routing_from_router_output
 from routelab.hf.registry import RouterSpec, router_spec
 from routelab.router import Router, check_k
@@ -87,9 +88,7 @@ class TopK(ScoreReplacement):
     """The model's own selection (bias, group limits) with a different ``k``."""
 
     def __init__(self, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
-        self.k = k
+        self.k = require_int("k", k, 1)
 
     def route(self, given: SwapInput) -> Routing:
         k = check_k(self.k, given.routing.num_experts)
@@ -161,9 +160,7 @@ class Balanced(ScoreReplacement):
     as the model weights its choice."""
 
     def __init__(self, k: int = 1, *, method: str = "exact") -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
-        self.k = k
+        self.k = require_int("k", k, 1)
         self.method = method
 
     def route(self, given: SwapInput) -> Routing:
@@ -253,8 +250,7 @@ def _layer_index(names: Sequence[str], layer: int | str) -> int:
         if layer not in names:
             raise KeyError(f"no router named {layer!r}; routers are {list(names)}")
         return list(names).index(layer)
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"layer must be an int index or a router name, got {layer!r}")
+    layer = require_int("layer", layer)
     if not -len(names) <= layer < len(names):
         raise IndexError(f"layer {layer} out of range for {len(names)} MoE layers")
     return layer % len(names)
