@@ -163,6 +163,7 @@ def auction(
     base = held - max(eps_start, eps_final)
     eps = max(eps_start, eps_final)
     rounds = phases = 0
+    spare = int(cap_host.sum()) != T
     while True:
         phases += 1
         last = eps <= eps_final
@@ -181,7 +182,9 @@ def auction(
             if last:
                 return owner, p, rounds, phases
         elif eps <= eps_check or last:
-            if free.shape[0]:
+            # spare capacity: an expert that lost tokens keeps a price above the others;
+            # finish() places the dummy tokens (spare slots) and restores CS for them too
+            if free.shape[0] or spare:
                 owner, p, held, aug = _finish_phase(ops, S_host, cap_host, p, owner, eps)
                 base = held - eps
                 rounds += aug

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from routelab.losses import check_loss_weight, cv_squared, expert_sum
 from routelab.router import Router, check_k, router_logits
-from routelab.routers.topk import topk_softmax_routing
+from routelab.routers.topk import TopKSelection, topk_softmax_routing
 from routelab.routing import Routing
 
 __all__ = ["NoisyTopKGate", "kth_excluding", "smooth_load"]
@@ -94,14 +94,22 @@ class NoisyTopKGate(Router):
             logits = clean + torch.randn_like(clean) * std  # H(x)
         else:
             clean = logits = self.clean_logits(x)
-        routing = topk_softmax_routing(logits, self.k)
-        aux: dict[str, Tensor] = dict(routing.aux)
         E = self.num_experts
+        smooth = noisy and self.load_weight > 0 and self.k < E
+        if smooth:  # one topk for the selection and the load's thresholds
+            top = torch.topk(logits, self.k + 1, dim=-1)  # [T, k+1], sorted
+            selection = TopKSelection(self.k, softmax_after_topk=True)
+            routing = selection.select(logits, indices=top.indices[:, : self.k]).routing(E)
+        else:
+            routing = topk_softmax_routing(logits, self.k)
+        aux: dict[str, Tensor] = dict(routing.aux)
         if self.importance_weight > 0:
             importance = expert_sum(routing.expert, routing.weight, E)
             aux["importance"] = self.importance_weight * cv_squared(importance)
         if self.load_weight > 0:
-            if noisy:
+            if smooth:
+                load = smooth_load(clean, logits, std, self.k, noisy_top=top.values).sum(dim=0)
+            elif noisy:  # k = E: every expert always in the top k
                 load = smooth_load(clean, logits, std, self.k).sum(dim=0)
             else:
                 load = routing.load().to(clean.dtype)
@@ -115,22 +123,26 @@ class NoisyTopKGate(Router):
         )
 
 
-def kth_excluding(values: Tensor, k: int) -> Tensor:
+def kth_excluding(values: Tensor, k: int, *, top: Tensor | None = None) -> Tensor:
     """``[T, E]``: entry ``(t, i)`` is the k-th greatest of ``values[t]`` with component i
     left out (``-inf`` when fewer than k components remain, i.e. k = E).
 
     From the top k+1 values ``v_1 >= ... >= v_{k+1}`` of the row: if ``values[t, i] > v_{k+1}``
     then i is among the top k and leaving it out makes ``v_{k+1}`` the k-th greatest;
     otherwise the k-th greatest is ``v_k`` (ties give the same value either way).
-    ``values [T, E]``, ``1 <= k <= E``.
+    ``values [T, E]``, ``1 <= k <= E``; ``top [T, k+1]``: the k+1 greatest of each row,
+    sorted descending (``torch.topk(values, k + 1).values``) when already computed (k < E).
     """
-    padded = F.pad(values, (0, 1), value=float("-inf"))  # one -inf column for k = E
-    top = torch.topk(padded, k + 1, dim=-1).values  # [T, k+1]
+    if top is None:
+        padded = F.pad(values, (0, 1), value=float("-inf"))  # one -inf column for k = E
+        top = torch.topk(padded, k + 1, dim=-1).values  # [T, k+1]
     if_in, if_out = top[:, k : k + 1], top[:, k - 1 : k]
     return torch.where(values > if_in, if_in, if_out)
 
 
-def smooth_load(clean: Tensor, noisy: Tensor, noise_std: Tensor, k: int) -> Tensor:
+def smooth_load(
+    clean: Tensor, noisy: Tensor, noise_std: Tensor, k: int, *, noisy_top: Tensor | None = None
+) -> Tensor:
     """``P(x, i)`` ``[T, E]``: the probability that expert i is in the top k of ``H(x)``
     when only i's noise is resampled (Shazeer et al. 2017, Appendix A):
 
@@ -139,9 +151,11 @@ def smooth_load(clean: Tensor, noisy: Tensor, noise_std: Tensor, k: int) -> Tens
     with Phi the standard normal CDF. ``clean = x W_g [T, E]``, ``noisy = H(x) [T, E]``
     (the drawn noisy logits), ``noise_std = sigma(x) [T, E]`` (> 0). ``Load(X)_i`` is the
     column sum. Differentiable in all three inputs (the threshold is the other experts'
-    drawn noisy logit, as in the reference code). k = E gives all ones.
+    drawn noisy logit, as in the reference code). k = E gives all ones. ``noisy_top``:
+    ``torch.topk(noisy, k + 1).values [T, k+1]`` when the caller has it (the gate's
+    selection takes its first k), so the top k+1 are not searched twice.
     """
     if k >= clean.shape[-1]:
         return torch.ones_like(clean)
-    threshold = kth_excluding(noisy, k)
+    threshold = kth_excluding(noisy, k, top=noisy_top)
     return torch.special.ndtr((clean - threshold) / noise_std)

@@ -151,6 +151,9 @@ def test_kth_excluding_matches_brute_force(values, k):
             rest = sorted(row[:i] + row[i + 1 :], reverse=True)
             expected = rest[k - 1] if k <= len(rest) else float("-inf")
             assert float(got[t, i]) == expected
+    if k < 5:  # the top k+1 passed in (as the gate does): the same thresholds
+        top = torch.topk(v, k + 1, dim=-1).values
+        assert torch.equal(kth_excluding(v, k, top=top), got)
 
 
 def test_smooth_load_matches_monte_carlo_frequency():
@@ -195,6 +198,11 @@ def test_gradcheck_of_the_load_estimator():
     noisy = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     std = torch.rand(5, 4, dtype=torch.float64, generator=gen).add(0.1).requires_grad_()
     assert torch.autograd.gradcheck(lambda c, h, s: smooth_load(c, h, s, 2), (clean, noisy, std))
+
+    def with_top(c, h, s):  # the gate's path: the top k+1 of the noisy logits passed in
+        return smooth_load(c, h, s, 2, noisy_top=torch.topk(h, 3, dim=-1).values)
+
+    assert torch.autograd.gradcheck(with_top, (clean, noisy, std))
 
 
 def test_gradient_reaches_w_noise_through_the_load_loss():
