@@ -51,13 +51,25 @@ def require_int(
     name: str, value: object, minimum: int | None = None, maximum: int | None = None
 ) -> int:
     """``value`` as a Python int (any integer type with ``__index__``: Python, numpy, a 0-d
-    integer tensor; never bool or float) with ``minimum <= value <= maximum`` where given."""
-    if _is_bool(value) or isinstance(value, float) or (is_torch(value) and _not_int_tensor(value)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    try:
-        result = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})") from None
+    integer tensor; never bool or float) with ``minimum <= value <= maximum`` where given.
+
+    A plain ``int`` takes a path that ``torch.compile`` traces (routers check ``k`` in
+    ``forward``)."""
+    if type(value) is int:
+        result = value
+    else:
+        if (
+            _is_bool(value)
+            or isinstance(value, float)
+            or (is_torch(value) and _not_int_tensor(value))
+        ):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+        try:
+            result = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                f"{name} must be an int, got {type(value).__name__} ({value!r})"
+            ) from None
     if minimum is not None and result < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {result}")
     if maximum is not None and result > maximum:
@@ -92,7 +104,7 @@ def require_float(
     """
     if _is_bool(value) or isinstance(value, (str, bytes, complex)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
-    if is_torch(value):
+    if type(value) not in (int, float) and is_torch(value):
         tensor: Any = value
         if tensor.numel() != 1 or tensor.is_complex() or str(tensor.dtype) == "torch.bool":
             raise TypeError(
