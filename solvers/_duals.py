@@ -52,7 +52,8 @@ def certified_gap(ops: Any, S: Any, cap: Any, assignment: Any, p: Any) -> float:
     T, E = S.shape
     if T == 0:
         return float(ops.sum(cap * p)) if E else 0.0
-    v = S - p
+    with np.errstate(over="ignore"):  # -1e308 - p is -inf: an unusable pair, as it should be
+        v = S - p
     slack = ops.row_max(v) - v[ops.arange(T), assignment]
     spare = (cap - ops.bincount(assignment, E)) * p
     return ops.sum(slack) + ops.sum(spare)
@@ -100,7 +101,8 @@ def prices_from_assignment(
     M = exchange_costs(S, cap, assignment)
     dist = np.zeros(E)
     for _ in range(max_iter if max_iter is not None else E + 1):
-        new = np.minimum(dist, (dist[:, None] + M).min(axis=0))
+        with np.errstate(over="ignore"):  # sums of 1e308-scale arc costs saturate to inf
+            new = np.minimum(dist, (dist[:, None] + M).min(axis=0))
         if np.array_equal(new, dist):
             break
         dist = new
