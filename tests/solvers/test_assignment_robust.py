@@ -276,7 +276,7 @@ def test_bad_options_are_clear_errors_even_on_empty_problems(method, options, er
         (torch.tensor([[1.0, float("nan")]]), None, ValueError, "found NaN"),
         (torch.tensor([[1.0, float("inf")]]), None, ValueError, r"found \+inf"),
         (np.array([[1, 2]], dtype=object), None, TypeError, "dtype"),
-        ([[1.0, 2.0], [3.0]], None, (TypeError, ValueError), ""),
+        ([[1.0, 2.0], [3.0]], None, (TypeError, ValueError), None),
         (np.zeros((3, 2)), [np.nan, 3.0], TypeError, "capacity"),
         (np.zeros((3, 2)), -1, ValueError, "capacity must be >= 0"),
         (np.zeros((3, 2)), "2", TypeError, "capacity"),
