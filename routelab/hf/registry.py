@@ -12,14 +12,15 @@ needed to recompute, re-select or replace its choice on the model's own scores:
     groups (optional): experts split into G equal groups; a group's score is the sum of
         its two best c (``"top2_sum"``, DeepSeek-V3) or its best c (``"max"``,
         DeepSeek-V2); only the ``topk_group`` best groups stay eligible, the others'
-        c set to ``group_mask``
+        c set to -inf (DeepSeek-V2's code masks with 0.0: the same choice while the k
+        experts fit among the positive softmax scores of the kept groups)
     chosen = TopK(c, k)                                 indices [T, k]
     w = s[chosen] / sum s[chosen]  if normalised, else s[chosen]
     w = w * scale                                       weights [T, k] (routed_scaling_factor)
 
 The selection and weights are computed by routelab's one token-choice selection,
-``routelab.routers.topk.TopKSelection`` (DeepSeek-V2's best-expert group ranking is
-applied before it). Which value an option takes can depend on the checkpoint (``norm_topk_prob``,
+``routelab.routers.topk.TopKSelection`` (group ranking included: ``group_score="top2"``
+or ``"max"``). Which value an option takes can depend on the checkpoint (``norm_topk_prob``,
 ``routed_scaling_factor``, ``topk_method``): such options name the router module's
 attribute that holds it, read at run time.
 
@@ -92,7 +93,6 @@ class RouterSpec:
         group_limit: None, ``"top2_sum"`` or ``"max"`` (module docstring).
         group_limit_when: ``(attribute, value)``: group limits apply only when the router's
             attribute equals value (DeepSeek-V2's ``topk_method``); None: always.
-        group_mask: the selection score given to experts of excluded groups.
         num_groups, topk_groups: router attributes holding G and the groups kept.
         top_k: router attribute holding k, or the int k.
         capacity: router attribute holding a per-sequence capacity (Switch), or None.
@@ -108,7 +108,6 @@ class RouterSpec:
     selection_bias: str | None = None
     group_limit: str | None = None
     group_limit_when: tuple[str, object] | None = None
-    group_mask: float = float("-inf")
     num_groups: str = "num_group"
     topk_groups: str = "topk_group"
     top_k: str | int = "top_k"
@@ -185,9 +184,8 @@ class RouterSpec:
 
     def selection(self, module: nn.Module, k: int, *, groups: bool = True) -> TopKSelection:
         """The router's selection as routelab's one token-choice selection
-        (``routelab.routers.topk.TopKSelection``); ``"max"`` group limits are applied by
-        :meth:`select` itself (TopKSelection ranks groups by their top-2 sum)."""
-        limit = self.groups_of(module) if groups and self.group_limit == "top2_sum" else None
+        (``routelab.routers.topk.TopKSelection``), group limits included."""
+        limit = self.groups_of(module) if groups else None
         return TopKSelection(
             k=k,
             score=self.score,
@@ -195,6 +193,7 @@ class RouterSpec:
             scaling_factor=self.scale_of(module),
             num_groups=None if limit is None else limit[0],
             top_groups=None if limit is None else limit[1],
+            group_score="max" if self.group_limit == "max" else "top2",
         )
 
     def select(
@@ -215,26 +214,8 @@ class RouterSpec:
             bias = extra if bias is None else bias.to(scores.device) + extra
         if bias is not None:
             bias = bias.to(scores.device)
-        groups = self.groups_of(module)
-        if self.group_limit == "max" and groups is not None:
-            scores = self._mask_groups_by_best(scores, bias, *groups)
         chosen = self.selection(module, k).select_scores(scores, selection_bias=bias)
         return chosen.indices
-
-    def _mask_groups_by_best(
-        self, scores: Tensor, bias: Tensor | None, num_groups: int, kept: int
-    ) -> Tensor:
-        """``scores [T, E]`` with the experts outside each token's ``kept`` groups of best
-        ``max(s + b)`` set to ``group_mask`` (DeepSeek-V2's group_limited_greedy)."""
-        T, E = scores.shape
-        if E % num_groups:
-            raise ValueError(f"{E} experts do not split into {num_groups} equal groups")
-        choice = scores if bias is None else scores + bias
-        best = choice.view(T, num_groups, E // num_groups).max(dim=-1).values
-        top = best.topk(kept, dim=-1).indices
-        allowed = torch.zeros_like(best, dtype=torch.bool).scatter_(1, top, True)
-        allowed = allowed.unsqueeze(-1).expand(T, num_groups, E // num_groups).reshape(T, E)
-        return scores.masked_fill(~allowed, self.group_mask)
 
     def combine(self, scores: Tensor, indices: Tensor, module: nn.Module) -> Tensor:
         """float ``[T, k]``: the router's combine weights of ``indices [T, k]``."""
@@ -390,7 +371,6 @@ for _spec in (
         scale="routed_scaling_factor",
         group_limit="max",
         group_limit_when=("topk_method", "group_limited_greedy"),
-        group_mask=0.0,
         notes="softmax over all experts; group_limited_greedy keeps the topk_group groups "
         "with the best expert; weights not renormalised, times routed_scaling_factor",
     ),
