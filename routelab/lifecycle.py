@@ -364,14 +364,10 @@ class ExpertTensors:
 
 
 def _keep_expert_capacity(router: Router, old: int, new: int) -> None:
-    """Expert choice: ``c = ceil(capacity_factor * T / E)`` per expert stays the same."""
-    target: Any = router
-    exact = getattr(target, "_factor", None)  # the exact fraction the router computes with
-    if isinstance(exact, Fraction):
-        target._factor = exact * Fraction(new, old)
-        target.capacity_factor = float(target._factor)
-    else:
-        target.capacity_factor = target.capacity_factor * new / old
+    """Expert choice: ``c = ceil(capacity_factor * T / E)`` per expert stays the same
+    (the factor scaled exactly, as the rational the router computes with)."""
+    assert isinstance(router, ExpertChoiceRouter)
+    router.set_capacity_factor(router.capacity_fraction * Fraction(new, old))
 
 
 def _softmax_flags(router: Router, old: int, new: int) -> None:
