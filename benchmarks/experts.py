@@ -30,7 +30,8 @@ Ratios printed per config: FFNExperts / dense ceiling, the fastest peer / FFNExp
 against the sum of the router's own step and FFNExperts' step (issue 17, item 2).
 
 ``--compile`` times ``MoE(TopKGate, FFNExperts)`` eager against
-``torch.compile(moe, fullgraph=True)`` (inductor, validation off) at the chosen configs.
+``torch.compile(moe, fullgraph=True)`` (inductor, validation off) at the chosen configs;
+``--routers`` picks other routers for it (``COMPILE_ROUTERS``).
 
 Targets (issue 17): FFNExperts no slower than the fastest peer in every config; within
 1.15x of the ceiling at the fine configs, 1.5x at E = 256, the HF loop's time or less at
@@ -52,7 +53,7 @@ from _timing import time_side_by_side  # benchmarks/ is on sys.path when run as 
 
 import routelab
 from routelab import FFNExperts, MoE, Routing
-from routelab.routers import TopKGate
+from routelab.routers import TopKGate, TopKRouter
 
 # name -> (T, d, h, E, k)
 CONFIGS = {
@@ -172,11 +173,21 @@ def bench(
     return time_side_by_side(variants, repeats=repeats, clock=clock)
 
 
-def bench_compiled(T: int, d: int, h: int, E: int, k: int, repeats: int, clock) -> dict[str, float]:
-    """``MoE(TopKGate, FFNExperts)`` forward + backward, eager against
+# routers for --compile: name -> factory(d_model, num_experts, k)
+COMPILE_ROUTERS: dict[str, Callable[[int, int, int], torch.nn.Module]] = {
+    "TopKGate": lambda d, E, k: TopKGate(d, E, k=k),
+    "deepseek-v3": lambda d, E, k: TopKRouter.from_preset("deepseek-v3", d, E, k=k),
+    "qwen3-moe": lambda d, E, k: TopKRouter.from_preset("qwen3-moe", d, E, k=k),
+}
+
+
+def bench_compiled(
+    T: int, d: int, h: int, E: int, k: int, repeats: int, clock, router: str = "TopKGate"
+) -> dict[str, float]:
+    """``MoE(router, FFNExperts)`` forward + backward, eager against
     ``torch.compile(fullgraph=True)`` (inductor), validation off (issue 17, item 5)."""
     torch.manual_seed(0)
-    moe = MoE(TopKGate(d, E, k=k), FFNExperts(E, d, h))
+    moe = MoE(COMPILE_ROUTERS[router](d, E, k), FFNExperts(E, d, h))
     x = torch.randn(T, d, requires_grad=True)
     grad_out = torch.randn(T, d)
     with routelab.validation(False):
@@ -232,6 +243,9 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="MoE eager vs torch.compile (fullgraph) instead"
     )
+    parser.add_argument(
+        "--routers", default="TopKGate", help=f"for --compile: some of {', '.join(COMPILE_ROUTERS)}"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     configs = QUICK if args.quick else CONFIGS
@@ -253,11 +267,13 @@ def main() -> None:
     clock_fn = time.perf_counter if args.wall else time.process_time
     for name, shape in configs.items():
         if args.compile:
-            print(f"[{name}] T={shape[0]} d={shape[1]} h={shape[2]} E={shape[3]} k={shape[4]}")
-            times = bench_compiled(*shape, args.repeats, clock_fn)
-            for variant, seconds in times.items():
-                print(f"  {variant:18s} {seconds * 1e3:9.1f} ms")
-            print(f"  compiled / eager = {times['MoE compiled'] / times['MoE eager']:.3f}")
+            for router in args.routers.split(","):
+                T, d, h, E, k = shape
+                print(f"[{name}] T={T} d={d} h={h} E={E} k={k}, router {router}", flush=True)
+                times = bench_compiled(*shape, args.repeats, clock_fn, router)
+                for variant, seconds in times.items():
+                    print(f"  {variant:18s} {seconds * 1e3:9.1f} ms")
+                print(f"  compiled / eager = {times['MoE compiled'] / times['MoE eager']:.3f}")
             continue
         times = bench(*shape, args.repeats, clock_fn)
         print(report(name, shape, times, args.markdown), flush=True)

@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from routelab._validate import require_float, require_int
+from routelab._validate import require_float, require_int, validation_enabled
+from routelab.losses import expert_load
 
 __all__ = [
     "BalancingState",
@@ -52,7 +53,17 @@ __all__ = [
 
 
 def in_backward_recompute() -> bool:
-    """True while autograd runs a backward pass (a checkpointed forward being recomputed)."""
+    """True while autograd runs a backward pass (a checkpointed forward being recomputed).
+
+    False inside ``torch.compile``: autograd's graph-task id is host state the compiler
+    cannot trace, and none is needed there, since a compiled graph applies its buffer
+    updates once per forward, also when it checkpoints (``torch.utils.checkpoint`` inside
+    the compiled region recomputes activations, never the updates). An eager checkpoint
+    around a compiled module does re-run the compiled forward, updates included: put the
+    checkpoint inside the compiled region instead.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -123,8 +134,11 @@ class BalancingState(nn.Module):
                         f"statistic {name!r} must have shape {tuple(buffer.shape)}, "
                         f"got {tuple(value.shape)}"
                     )
-                buffer.add_(value.to(device=buffer.device, dtype=buffer.dtype))
-            self.pending_observations.add_(1.0)
+                # through a 1-d view: torch.compile (2.13, AOTAutograd) drops in-place
+                # updates of a 0-dim float64 buffer made directly
+                value = value.to(device=buffer.device, dtype=buffer.dtype)
+                buffer.view(-1).add_(value.reshape(-1))
+            self.pending_observations.view(1).add_(1.0)
         return True
 
     @torch.no_grad()
@@ -243,12 +257,16 @@ class SelectionBias(BalancingState):
         if not isinstance(expert, Tensor) or expert.is_floating_point():
             raise TypeError("expert must be an integer tensor of expert ids")
         flat = expert.detach().reshape(-1).long()
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_experts):
+        if (
+            validation_enabled()  # a host sync; out-of-range ids still raise in expert_load
+            and flat.numel()
+            and (int(flat.min()) < 0 or int(flat.max()) >= self.num_experts)
+        ):
             raise ValueError(
                 f"expert ids out of range [0, {self.num_experts}): "
                 f"min {int(flat.min())}, max {int(flat.max())}"
             )
-        return self.observe_load(torch.bincount(flat, minlength=self.num_experts))
+        return self.observe_load(expert_load(flat, self.num_experts))
 
     def observe_load(self, load: Tensor) -> bool:
         """Add a load ``[E]`` (entries per expert) to the pending load."""

@@ -16,6 +16,7 @@ from routelab._validate import require_float
 __all__ = [
     "check_loss_weight",
     "cv_squared",
+    "expert_load",
     "expert_sum",
     "load_balance_loss",
     "router_z_loss",
@@ -45,6 +46,19 @@ def cv_squared(values: Tensor) -> Tensor:
     return torch.where(nonzero, var / safe_mean.square(), torch.zeros_like(var))
 
 
+def expert_load(expert: Tensor, num_experts: int) -> Tensor:
+    """int64 ``[E]``: how many of the ids ``expert`` (int, any shape) are each expert i.
+
+    ``torch.bincount(expert, minlength=E)`` for ids in ``[0, E)``, but always of size E
+    (a scatter-add into E zeros): bincount's size depends on the largest id, which
+    ``torch.compile`` cannot trace without a graph break, and it costs the same on CPU.
+    An id out of range raises a RuntimeError, where bincount would return a longer count.
+    """
+    flat = expert.reshape(-1).long()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def expert_sum(expert: Tensor, weight: Tensor, num_experts: int) -> Tensor:
     """``[E]``: the sum of ``weight [N]`` per expert id ``expert [N]`` (differentiable).
 
@@ -69,7 +83,7 @@ def switch_balance_loss(probs: Tensor, expert_index: Tensor) -> Tensor:
     num_tokens, num_experts = probs.shape
     if num_tokens == 0:
         return probs.sum() * 0.0
-    counts = torch.bincount(expert_index, minlength=num_experts).to(probs.dtype)
+    counts = expert_load(expert_index, num_experts).to(probs.dtype)
     fraction = counts / num_tokens  # f [E]
     mean_prob = probs.mean(dim=0)  # P [E]
     return num_experts * (fraction * mean_prob).sum()
@@ -152,7 +166,7 @@ def sequence_balance_loss(
     sequences = num_tokens // length
     sequence_of = torch.arange(num_tokens, device=probs.device).div(length, rounding_mode="floor")
     slot = sequence_of[:, None] * num_experts + chosen  # [T, k] flat (sequence, expert) ids
-    counts = torch.bincount(slot.reshape(-1), minlength=sequences * num_experts)
+    counts = expert_load(slot, sequences * num_experts)
     f = counts.view(sequences, num_experts).to(probs.dtype) * (num_experts / (k * length))
     mean_prob = probs.view(sequences, length, num_experts).mean(dim=1)  # P [B, E]
     return (f * mean_prob).sum(dim=1).mean()

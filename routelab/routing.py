@@ -24,6 +24,7 @@ from routelab._validate import (
     require_int,
     validation_enabled,
 )
+from routelab.losses import expert_load
 
 __all__ = ["Routing"]
 
@@ -242,11 +243,11 @@ class Routing:
 
     def load(self) -> Tensor:
         """int64 ``[E]``: the number of entries each expert received."""
-        return torch.bincount(self.expert, minlength=self.num_experts)
+        return expert_load(self.expert, self.num_experts)  # fixed size: torch.compile traces it
 
     def entries_per_token(self) -> Tensor:
         """int64 ``[T]``: the number of experts each token was sent to."""
-        return torch.bincount(self.token, minlength=self.num_tokens)
+        return expert_load(self.token, self.num_tokens)  # the same count over token ids
 
     def check_ids(self) -> Routing:
         """Raise a ValueError when a token or expert id is out of range (one host sync);

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routelab._validate import require_bool, require_float, require_int
-from routelab.losses import check_loss_weight, load_balance_loss
+from routelab.losses import check_loss_weight, expert_load, load_balance_loss
 from routelab.router import MIN_TEMPERATURE, check_k, router_logits, upcast_half
 from routelab.routers.topk import Selection, TokenChoiceRouter, TopKSelection
 
@@ -99,7 +99,7 @@ class CosineTopKGate(TokenChoiceRouter):
     ) -> dict[str, Tensor]:
         aux = super().aux_losses(logits, selection, sequence_length)
         if self.balance_weight > 0:
-            load = torch.bincount(selection.indices.reshape(-1), minlength=self.num_experts)
+            load = expert_load(selection.indices, self.num_experts)
             aux["balance"] = self.balance_weight * load_balance_loss(selection.probs, load)
         return aux
 

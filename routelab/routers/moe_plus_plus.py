@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from routelab._validate import require_bool, require_int
-from routelab.losses import check_loss_weight, load_balance_loss
+from routelab.losses import check_loss_weight, expert_load, load_balance_loss
 from routelab.router import check_k, router_logits
 from routelab.routers.topk import Selection, TokenChoiceRouter, TopKSelection
 
@@ -43,7 +43,9 @@ class MoEPlusPlusGate(TokenChoiceRouter):
     recent forward, kept in the autograd graph so the residual's gradient reaches layer
     j-1, as in the paper). No signature changes: the model runs its layers in order as
     usual. A gate raises a clear error when the previous gate has not run on the same
-    tokens since this gate's last forward.
+    tokens since this gate's last forward (an eager check: under ``torch.compile`` the
+    forward counter is left alone, since the compiler would recompile for every new
+    count; compile the whole model, whose graph runs the layers in order).
 
     Loss (heterogeneous load balance): ``aux["balance"] = balance_weight * E *
     sum_i eta_i f_i P_i`` with ``eta_i = 1`` for FFN experts and ``tau`` for null
@@ -146,7 +148,8 @@ class MoEPlusPlusGate(TokenChoiceRouter):
         if source is None:
             return None
         logits = source.last_logits
-        if logits is None or source.forward_count == self._consumed:
+        eager = not torch.compiler.is_compiling()  # the counter is eager-only (class doc)
+        if logits is None or (eager and source.forward_count == self._consumed):
             raise RuntimeError(
                 "gating residual: the previous MoE++ layer's gate (residual_from) has not run "
                 "since this gate's last forward; run the layers in order on the same tokens"
@@ -156,7 +159,8 @@ class MoEPlusPlusGate(TokenChoiceRouter):
                 f"gating residual: the previous gate routed {logits.shape[0]} tokens, this "
                 f"gate gets {num_tokens}"
             )
-        self._consumed = source.forward_count
+        if eager:
+            self._consumed = source.forward_count
         return logits
 
     def logits(self, x: Tensor) -> Tensor:
@@ -168,7 +172,8 @@ class MoEPlusPlusGate(TokenChoiceRouter):
                 previous = router_logits(previous, self.residual_map.weight.t())
             logits = logits + previous.to(logits.dtype)
         self.last_logits = logits
-        self.forward_count += 1
+        if not torch.compiler.is_compiling():
+            self.forward_count += 1
         return logits
 
     def aux_losses(
@@ -176,7 +181,7 @@ class MoEPlusPlusGate(TokenChoiceRouter):
     ) -> dict[str, Tensor]:
         aux = super().aux_losses(logits, selection, sequence_length)
         if self.balance_weight > 0:
-            load = torch.bincount(selection.indices.reshape(-1), minlength=self.num_experts)
+            load = expert_load(selection.indices, self.num_experts)
             scaled = selection.probs * self.expert_scale.to(selection.probs.dtype)
             aux["balance"] = self.balance_weight * load_balance_loss(scaled, load)
         return aux
