@@ -79,7 +79,11 @@ class Working:
 
 
 def _sample_rows(T: int) -> np.ndarray:
-    return np.unique(np.linspace(0, T - 1, min(T, _SAMPLE_ROWS)).astype(np.int64))
+    """Up to 256 evenly spaced row ids, ascending and distinct (every row when T <= 256,
+    else a spacing of (T - 1) / 255 > 1)."""
+    if T <= _SAMPLE_ROWS:
+        return np.arange(T, dtype=np.int64)
+    return np.linspace(0, T - 1, _SAMPLE_ROWS).astype(np.int64)
 
 
 def _window(sample: np.ndarray, row_min: np.ndarray, integral: bool) -> float:

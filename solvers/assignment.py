@@ -19,7 +19,8 @@ tokens cannot be placed (their allowed experts lack capacity) is a ValueError na
 Every method is one row of :data:`METHODS` (its solver and its options with defaults and
 checks). numpy in, numpy out; torch in, torch out on the same device. Deterministic: the
 same input gives the same output, ties included (every tie is broken by the lower token /
-expert id).
+expert id, or, for the tied tokens that ``exact`` spreads over their best experts, by a
+maximum flow on a graph built in token order).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 
 from solvers import _reference
 from solvers._auction import auction, duals_for, greedy
+from solvers._coordinate import coordinate_prices, tight_assignment
 from solvers._duals import certified_gap, objective_value, prices_from_assignment
 from solvers._exact import finish, violators
 from solvers._feasibility import check_feasible
@@ -61,8 +63,9 @@ class AssignmentResult:
         prices: float64 ``[E]``, the expert prices (dual variables) behind ``gap_bound``.
         gap_bound: ``D(prices) - objective >= OPT - objective >= 0``, a certified bound on
             the optimality gap (0 up to rounding for the exact methods).
-        iterations: method-specific work count (auction rounds plus augmenting paths,
-            Sinkhorn sweeps, greedy rounds; 1 for the reference solvers).
+        iterations: method-specific work count (auction rounds or coordinate-descent
+            sweeps, plus augmenting paths; Sinkhorn sweeps, greedy rounds; 1 for the
+            reference solvers).
         method: the method that produced it.
     """
 
@@ -96,6 +99,12 @@ def _count(name: str, value: Any) -> int:
 
 def _optional_count(name: str, value: Any) -> int | None:
     return None if value is None else _count(name, value)
+
+
+_FEW_EXPERTS = 12
+"""``method="exact"`` takes its prices from dual coordinate descent (:mod:`solvers._coordinate`)
+up to this many experts: a sweep costs ``O(T E^2)`` against ``O(T E)`` per bidding round,
+and with few experts a handful of sweeps replace some 13 rounds and as many paths."""
 
 
 def _switch(switch: int | None, T: int, most: int) -> int:
@@ -164,8 +173,10 @@ def balanced_assignment(
             masked experts); NaN and ``+inf`` are refused. Computations run in float64.
         capacity: None for an even split (``T // E`` each, the first ``T % E`` experts one
             more), an int for every expert, or an int vector ``[E]``; ``sum >= T``.
-        method: a key of :data:`METHODS`: ``"exact"`` (default; optimal: auction prices,
-            then shortest augmenting paths on the E-node exchange graph), ``"auction"``
+        method: a key of :data:`METHODS`: ``"exact"`` (default; optimal: prices from dual
+            coordinate descent for at most 12 experts, else from auction phases; integer
+            scores first try zero prices with their ties spread by a maximum flow; then
+            shortest augmenting paths on the E-node exchange graph), ``"auction"``
             (epsilon-scaled auction, within ``tol``; runs in torch on the input's device or
             in numpy), ``"sinkhorn"`` (log-domain entropic OT, rounded to the capacities
             by greedy), ``"greedy"`` (capacity-aware greedy by descending score), or a
@@ -181,10 +192,11 @@ def balanced_assignment(
             ``switch`` (free tokens at which a phase's tail is handed to augmenting paths;
             default ``T // 64`` clamped to [8, 32]: below a thousand tokens a bidding
             round is cheaper than an augmenting path, above it the tail is long).
-            exact: the same for its auction phase, except ``tol`` (its last epsilon relative
-            to the score spread, 1e-6; it only trades auction time against augmenting
-            paths, the result is optimal either way), ``eps_start`` 1/128, ``switch``
-            ``T // 64`` clamped to [8, 64].
+            exact: the same for its auction phase (more than 12 experts), except ``tol``
+            (its last epsilon relative to the score spread, 1e-6; it only trades auction
+            time against augmenting paths, the result is optimal either way),
+            ``eps_start`` 1/128, ``switch`` ``T // 64`` clamped to [8, 64] (also, times 4,
+            the most tokens the zero-price start of integer scores may leave to paths).
             sinkhorn: ``temperature`` (relative to the score spread, >= 1e-12, 1e-2),
             ``max_iter`` (200), ``tol`` (column-marginal error per token, 1e-4).
             hungarian: ``max_entries`` (5e7). lp: ``solver`` (cvxpy solver name).
@@ -280,20 +292,48 @@ def _place_left_over(W: np.ndarray, cap: np.ndarray, owner: np.ndarray) -> tuple
 
 
 def _solve_exact(ops, work: Working, cap, cap_x, *, tol, eps_start, factor, switch):
-    """On the host: auction phases on the clipped scores, augmenting paths from exactly
-    complementary-slack prices, then the exact repair of whatever clipping changed."""
+    """On the host: prices (coordinate descent for few experts, auction phases otherwise)
+    on the clipped scores, shortest augmenting paths from exactly complementary-slack
+    prices, then the exact repair of whatever clipping changed."""
     C = ops.to_numpy(work.clipped)
     T, E = C.shape
     switch = _switch(switch, T, 64)
-    owner: np.ndarray | None
+    zeros = np.zeros(E)
+    owner: np.ndarray | None = None
     if work.spread == 0.0:  # every score equal: any feasible assignment is optimal
         owner = np.repeat(np.arange(E), cap)[:T]
         return ops.from_numpy(owner, work.scaled), ops.full(E, 0.0), 0
     first = C.argmax(axis=1)  # the same as the argmax of the unclipped scores
     if (np.bincount(first, minlength=E) <= cap).all():  # the unconstrained optimum fits
         return ops.from_numpy(first, work.scaled), ops.full(E, 0.0), 0
+    few = E <= _FEW_EXPERTS
+    if work.integral:
+        # Integer scores tie everywhere: the row maxima (ties included) often admit an
+        # assignment within the capacities (optimal, certified by zero prices) or, with
+        # many experts, miss one by a few tokens, which augmenting paths from zero prices
+        # then place (with few, coordinate descent gets closer first, and cheaply).
+        owner = tight_assignment(C, cap, zeros, most_left=0 if few else 4 * switch)
+    if owner is not None:
+        p, rounds = zeros, 0
+    elif few:
+        p, rounds = coordinate_prices(C, cap, _start_prices(C, cap), max_sweeps=8, enough=2)
+        owner = tight_assignment(C, cap, p)
+    else:
+        owner, p, rounds = _auction_prices(C, cap, work, tol, eps_start, factor, switch)
+    assert owner is not None  # every branch above sets it
+    owner, p, aug = finish(C, cap, p, owner, 0.0)
+    rounds += aug
+    if work.clipped_any:
+        owner, p, aug = _repair_exactly(ops.to_numpy(work.shifted), cap, p, owner)
+        rounds += aug
+    return ops.from_numpy(owner, work.scaled), ops.from_numpy(p, work.scaled), rounds
+
+
+def _auction_prices(C, cap, work: Working, tol, eps_start, factor, switch):
+    """Auction phases on the clipped scores ``C [T, E]`` (host) down to ``tol * spread``:
+    returns ``(owner, prices, rounds)`` with the tokens that are not exactly
+    complementary-slack for the prices freed (``-1``), ready for :func:`finish`."""
     spread = work.spread
-    p_start = _start_prices(C, cap)
     settings = dict(factor=factor, switch=switch, S_host=C, cap_host=cap)
     host = NumpyOps()
     # Integer scores tie everywhere: the auction's assignment is often optimal long before
@@ -301,7 +341,7 @@ def _solve_exact(ops, work: Working, cap, cap_x, *, tol, eps_start, factor, swit
     finals = [tol * spread]
     if work.integral:  # try to certify early, at a coarse epsilon
         finals[:0] = [x * spread for x in (1e-1, 1e-2) if x > tol]
-    p, owner, rounds, eps = p_start, None, 0, eps_start * spread
+    p, owner, rounds, eps = _start_prices(C, cap), None, 0, eps_start * spread
     for i, eps_final in enumerate(finals):
         owner, p, r, _ = auction(
             host,
@@ -333,12 +373,7 @@ def _solve_exact(ops, work: Working, cap, cap_x, *, tol, eps_start, factor, swit
         eps = eps_final / factor
     assert owner is not None  # finals is never empty: the loop ran
     owner[bad] = -1
-    owner, p, aug = finish(C, cap, p, owner, 0.0)
-    rounds += aug
-    if work.clipped_any:
-        owner, p, aug = _repair_exactly(ops.to_numpy(work.shifted), cap, p, owner)
-        rounds += aug
-    return ops.from_numpy(owner, work.scaled), ops.from_numpy(p, work.scaled), rounds
+    return owner, p, rounds
 
 
 def _start_prices(C: np.ndarray, cap: np.ndarray) -> np.ndarray:
@@ -463,7 +498,7 @@ METHODS: dict[str, Method] = {
             **_AUCTION_FAMILY,
             "switch": (None, _optional_count),
         },
-        "optimal: auction prices, then shortest augmenting paths (host)",
+        "optimal: coordinate-descent or auction prices, then shortest augmenting paths (host)",
     ),
     "auction": Method(
         _solve_auction,
