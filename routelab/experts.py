@@ -25,17 +25,22 @@ Which path runs (``FFNExperts(grouped_gemm="auto")``, the default), as measured 
 ``benchmarks/experts.py`` (CPU, torch 2.13, fp32, 1 thread, the five configurations of
 issue 17; tables in ``benchmarks/README.md``):
 
-- CPU, at most 64 experts and at least 256 entries per expert on average (large and
-  fine-grained experts at training batch sizes): the per-expert loop through autograd
-  over views of the stacks (:meth:`ExpertDispatch.run_segments`). Each expert's whole FFN
-  and its backward run on rows still in cache, which measured 1.17x (fine) to 1.3x
-  (fine-small) faster than layer-by-layer grouped GEMMs; the price is one stacking copy
-  of the weight gradients (about 2% of the step there).
-- otherwise (many experts, small batches, accelerators, ``torch.compile``):
-  ``"grouped"`` wherever ``torch._grouped_mm`` accepts the dtype and the sizes,
-  ``"segment"`` otherwise. Per-expert loops lose there: with 256 experts their Python
-  overhead dominates, and at a small batch the weight-gradient stacking costs more than
-  the GEMMs (re-stacking took 37% of the old step at T = 64).
+- CPU, with ``n`` = entries per expert on average at least 96 and at least h / 16
+  (training batch sizes; small or fine-grained experts need fewer rows): the per-expert
+  loop (:class:`_ExpertLoopFFN`, one autograd function). Each expert's whole FFN and its
+  backward run on its rows while they are in cache, with no ``[N, d]`` / ``[N, h]``
+  intermediates at all; its backward writes the weight gradients straight into the
+  ``[E, d, h]`` stacks (no re-stacking). Loop / grouped time, measured side by side
+  (``T, d, h, E, k``): 0.54 (16384, 256, 64, 512, 8; n = 256), 0.66 (4096, 256, 64, 256,
+  8; n = 128), 0.78-0.88 (n = 128-256 with h = 64-256), 0.89 (3072, 256, 64, 256, 8;
+  n = 96), 0.94 (3072, 512, 256, 64, 2; n = 96), 0.9 at large (n = 1024, h = 2048),
+  0.77-0.85 at fine / fine-small.
+- otherwise (few rows per expert, big experts on small batches, accelerators,
+  ``torch.compile``): ``"grouped"`` wherever ``torch._grouped_mm`` accepts the dtype and
+  the sizes, ``"segment"`` otherwise. The loop loses there: 1.04-1.13 at n = 64
+  ((1024, 256, 128, 64, 4), (512, 1024, 512, 64, 8), (4096, 128, 64, 512, 8)), 1.07 at
+  n = 32, 1.05 at T = 64 with d = 1024, h = 4096, E = 8, and 1.06 at n = 128 with
+  h = 4096 (n < h / 16), where the per-expert dispatch costs more than the cache saves.
 
 Where the hidden width is below the model width (full precision), the combine weights
 scale the hidden rows before the output projection instead of the output rows.
@@ -50,7 +55,9 @@ combine matrix).
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
@@ -263,9 +270,53 @@ def _host_segment_loops(xs: Tensor) -> bool:
     return xs.device.type == "cpu"
 
 
+# Fresh CPU buffers above glibc's largest mmap threshold (32 MiB on 64-bit) are new
+# mappings every time: each 4 KiB page faults on first write. A stacked [E, a, b] weight
+# gradient is such a buffer each step (per-expert weights of a few MiB come from the
+# reused heap instead); at T = 64, d = 1024, h = 4096, E = 8 the faults were a third of
+# the step (kernel time; the arithmetic equal to the per-expert loop's). A transparent
+# huge page hint on the fresh buffer (the madvise PyTorch makes itself under
+# THP_MEM_ALLOC_ENABLE=1) turns 512 faults into one: kernel time 0.116 -> 0.045 s per
+# step there. It is used where few rows per expert make the weight gradient the bulk of
+# the step's memory (the grouped and segment kernels); with the CPU loop's >= 256 rows
+# per expert it measured no gain (3% slower at T = 8192, h = 2048, E = 16).
+_HUGE_PAGE = 2 << 20
+_MMAP_THRESHOLD_MAX = 32 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _load_madvise() -> Callable[[int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return cast("Callable[[int, int, int], int]", madvise)
+
+
+_madvise = _load_madvise()
+
+
+def _empty_written_once(like: Tensor) -> Tensor:
+    """``torch.empty_like(like)`` for a buffer the caller overwrites in full; a large CPU
+    buffer carries the huge page hint (a no-op where the kernel has no transparent huge
+    pages, or the memory came from the heap)."""
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    size = out.numel() * out.element_size()
+    if _madvise is not None and out.device.type == "cpu" and size > _MMAP_THRESHOLD_MAX:
+        begin = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (out.data_ptr() + size) // _HUGE_PAGE * _HUGE_PAGE
+        if end > begin:
+            _madvise(begin, end - begin, _MADV_HUGEPAGE)
+    return out
+
+
 def _segment_weight_grad(xs: Tensor, grad: Tensor, sizes: list[int], like: Tensor) -> Tensor:
     """``[E, a, b]``: each segment's ``xs_e^T grad_e``, written in place (0 when empty)."""
-    grad_w = torch.empty_like(like)
+    grad_w = _empty_written_once(like)
     start = 0
     for e, n in enumerate(sizes):
         if n:
@@ -428,6 +479,175 @@ def grouped_linear(
     return _grouped_linear_op(xs, weight, bias, counts, kernel)
 
 
+# ------------------------------------------------------- the CPU per-expert FFN loop
+class _ExpertLoopFFN(torch.autograd.Function):
+    """Each expert's whole FFN, forward and backward, in one go on its rows (the CPU rule
+    of the module docstring), as one autograd function.
+
+    Forward, for each expert e with rows ``x_e = x[token_e] [n, d]``:
+    ``a_e = x_e W_in[e] + b_in[e]``, ``h_e = act(a_e)`` (SwiGLU: ``silu(x_e W_gate[e]) *
+    a_e``), ``y_e = h_e W_out[e] + b_out[e]``, and ``out[token_e] += w_e * y_e``.
+    Backward, per expert on the same rows while they are in cache, with
+    ``g_e = grad_out[token_e]`` and ``u_e = g_e W_out[e]^T``:
+    ``dw_e = rowsum(u_e * h_e) + g_e b_out[e]`` (no saved ``y_e``),
+    ``dW_out[e] = h_e^T (w_e g_e)``, ``dh_e = w_e u_e``, then through the activation to
+    ``da_e``, ``dW_in[e] = x_e^T da_e`` and ``dx[token_e] += da_e W_in[e]^T``. Every
+    expert's weight gradient is written in place into one ``[E, a, b]`` tensor: no
+    per-expert views of the stacks, no re-stacking. Saved: ``x``, the entries, and each
+    expert's hidden rows ``h_e [n, h]`` (plus ``a_e`` for GELU / SiLU, ``a_e`` and the
+    gate for SwiGLU) as separate tensors: one ``[N, h]`` buffer would be a fresh mapping
+    each step (the page faults of :func:`_empty_written_once`), per-expert ones come from
+    the reused heap. (The weight gradients take no huge page hint here: with at least 256
+    rows per expert the faults are a small part of the step, and the hint measured 3%
+    slower at T = 8192, E = 16, h = 2048.)
+
+    ``token=None``: the rows are ``x`` itself, already in expert order (``out [N, d]``,
+    :meth:`FFNExperts.run_sorted`); ``weight=None``: no combine weights (1).
+    Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        token: Tensor | None,
+        weight: Tensor | None,
+        sizes: list[int],
+        activation: str,
+        w_in: Tensor,
+        w_out: Tensor,
+        b_in: Tensor | None,
+        b_out: Tensor | None,
+        w_gate: Tensor | None,
+    ) -> Tensor:
+        acc_dtype = _accumulation_dtype(x.dtype)
+        out = x.new_zeros((x.shape[0], w_out.shape[2]), dtype=acc_dtype)
+        saved: list[Tensor] = []  # per active expert: h (ReLU), or (h, a), or (h, a, gate)
+        start = 0
+        for e, n in enumerate(sizes):
+            if not n:
+                continue
+            span = slice(start, start + n)
+            start += n
+            rows = x[span] if token is None else x.index_select(0, token[span])
+            a = rows @ w_in[e] if b_in is None else torch.addmm(b_in[e], rows, w_in[e])
+            if activation == "swiglu":
+                assert w_gate is not None
+                z = rows @ w_gate[e]
+                h = F.silu(z) * a
+                saved += (h, a, z)
+            elif activation == "relu":
+                h = F.relu(a, inplace=True)  # (per-expert tensors: heap-sized, reused)
+                saved.append(h)
+            else:
+                h = _ACTIVATION_FNS[activation](a)
+                saved += (h, a)
+            y = h @ w_out[e] if b_out is None else torch.addmm(b_out[e], h, w_out[e])
+            y = y.to(acc_dtype)
+            if weight is not None:
+                y.mul_(weight[span].to(acc_dtype).unsqueeze(1))
+            if token is None:
+                out[span] = y
+            else:
+                out.index_add_(0, token[span], y)
+        ctx.save_for_backward(x, token, weight, w_in, w_out, b_out, w_gate, *saved)
+        ctx.sizes, ctx.activation, ctx.has_b_in = sizes, activation, b_in is not None
+        return out.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, token, weight, w_in, w_out, b_out, w_gate, *saved = ctx.saved_tensors
+        per_expert = {"relu": 1, "swiglu": 3}.get(ctx.activation, 2)
+        need = ctx.needs_input_grad
+        need_x, need_weight = need[0], need[2]
+        need_w_in, need_w_out, need_b_in, need_b_out, need_w_gate = need[5:10]
+        grad_out = grad_out.contiguous()
+        acc_dtype = _accumulation_dtype(x.dtype)
+        grad_x = x.new_zeros(x.shape, dtype=acc_dtype) if need_x else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        few_rows = sum(ctx.sizes) < 256 * len(ctx.sizes)
+        new_grad = _empty_written_once if few_rows else torch.empty_like
+        grad_w_in = new_grad(w_in) if need_w_in else None
+        grad_w_out = new_grad(w_out) if need_w_out else None
+        grad_w_gate = new_grad(w_gate) if need_w_gate else None
+        grad_b_in = x.new_empty((w_in.shape[0], w_in.shape[2])) if need_b_in else None
+        grad_b_out = x.new_empty((w_out.shape[0], w_out.shape[2])) if need_b_out else None
+        start = active = 0
+        for e, n in enumerate(ctx.sizes):
+            if not n:
+                for g in (grad_w_in, grad_w_out, grad_w_gate, grad_b_in, grad_b_out):
+                    if g is not None:
+                        g[e].zero_()
+                continue
+            span = slice(start, start + n)
+            start += n
+            g = grad_out[span] if token is None else grad_out.index_select(0, token[span])
+            h, *pre = saved[active * per_expert : (active + 1) * per_expert]
+            active += 1
+            u = g @ w_out[e].t()  # [n, h]: d(loss)/d(h) before the combine weight
+            if weight is not None:
+                w = weight[span].unsqueeze(1)
+                if grad_weight is not None:
+                    dot = (u * h).sum(1)
+                    if b_out is not None:
+                        dot = dot + g @ b_out[e]
+                    grad_weight[span] = dot
+                g = g * w
+                u.mul_(w)
+            if grad_w_out is not None:
+                torch.mm(h.t(), g, out=grad_w_out[e])
+            if grad_b_out is not None:
+                torch.sum(g, 0, out=grad_b_out[e])
+            if not (need_x or need_w_in or need_b_in or need_w_gate):
+                continue
+            da, dgate = _activation_backward(ctx.activation, u, h, *pre)
+            rows = x[span] if token is None else x.index_select(0, token[span])
+            if grad_w_in is not None:
+                torch.mm(rows.t(), da, out=grad_w_in[e])
+            if grad_b_in is not None:
+                torch.sum(da, 0, out=grad_b_in[e])
+            if grad_w_gate is not None:
+                assert dgate is not None
+                torch.mm(rows.t(), dgate, out=grad_w_gate[e])
+            if grad_x is not None:
+                dx = da @ w_in[e].t()
+                if dgate is not None:
+                    dx.addmm_(dgate, w_gate[e].t())
+                if token is None:
+                    grad_x[span] = dx
+                else:
+                    grad_x.index_add_(0, token[span], dx.to(acc_dtype))
+        return (
+            None if grad_x is None else grad_x.to(x.dtype),
+            None,
+            grad_weight,
+            None,
+            None,
+            grad_w_in,
+            grad_w_out,
+            grad_b_in if ctx.has_b_in else None,
+            grad_b_out,
+            grad_w_gate,
+        )
+
+
+def _activation_backward(
+    activation: str, grad_h: Tensor, h: Tensor, a: Tensor | None = None, z: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """``(d loss / d a, d loss / d gate)`` of one expert's rows from ``grad_h`` (which may
+    be overwritten), ``h = act(a)`` (SwiGLU: ``silu(z) * a``)."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad_h, h, 0), None
+    assert a is not None
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad_h, a), None
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad_h, a), None
+    assert z is not None
+    return grad_h * F.silu(z), torch.ops.aten.silu_backward(grad_h * a, z)
+
+
 # ---------------------------------------------------------------------- executors
 class Experts(nn.Module):
     """Base class of expert executors: ``forward(x [T, d], routing) -> y [T, d_out]``.
@@ -546,10 +766,6 @@ class Experts(nn.Module):
         )
 
 
-# one expert's (w_in, w_out, b_in, b_out, w_gate), as expert_ffn takes them
-_ExpertParams = tuple[Tensor, Tensor, "Tensor | None", "Tensor | None", "Tensor | None"]
-
-
 def expert_ffn(
     x: Tensor,
     w_in: Tensor,
@@ -597,8 +813,8 @@ class FFNExperts(Experts):
         activation: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"swiglu"``.
         bias: whether the two projections carry biases.
         grouped_gemm: the execution path (module docstring): ``"auto"`` runs the
-            measured rule (on CPU the per-expert loop for at most 64 experts with at least
-            256 entries each; else ``torch._grouped_mm`` wherever it accepts the dtype and
+            measured rule (on CPU the per-expert loop for at least ``max(96, h / 16)``
+            entries per expert on average; else ``torch._grouped_mm`` wherever it accepts the dtype and
             sizes, the segment kernel otherwise); ``True`` always the grouped kernel (an
             error where it cannot run); ``False`` always the segment kernel.
     """
@@ -714,11 +930,7 @@ class FFNExperts(Experts):
                 f"counts holds {segments.num_experts} experts, expected {self.num_experts}"
             )
         if self._cache_local_loop(xs, xs.shape[0]):  # the CPU rule, as in forward
-            params = self._unbound_params()
-            parts = torch.split(xs, segments.sizes())
-            return torch.cat(
-                [expert_ffn(rows, *params[e], self.activation) for e, rows in enumerate(parts)]
-            )
+            return self._loop(xs, None, None, segments.sizes())
         kernel = self.kernel(xs)
         try:
             return self._ffn(xs, segments, kernel)
@@ -743,10 +955,7 @@ class FFNExperts(Experts):
         self.check_call(x, routing)
         plan = ExpertDispatch.plan(routing)
         if self._cache_local_loop(x, routing.num_entries):
-            params = self._unbound_params()
-            return plan.run_segments(
-                x, lambda e, rows: expert_ffn(rows, *params[e], self.activation), self.d_model
-            )
+            return self._loop(x, plan.token, plan.weight, plan.segments.sizes())
         xs = plan.gather(x)
         if not self._weights_hidden_rows(x, routing):
             return plan.combine(self.run_sorted(xs, plan.segments), x.shape[0], x.dtype)
@@ -763,24 +972,34 @@ class FFNExperts(Experts):
         return y
 
     def _cache_local_loop(self, x: Tensor, num_entries: int) -> bool:
-        """The measured CPU rule (module docstring): ``"auto"`` on CPU with at most 64
-        experts and at least 256 entries per expert on average runs each expert's whole
-        FFN, forward and backward, in one go on rows still in cache."""
+        """The measured CPU rule (module docstring): ``"auto"`` on CPU with at least
+        ``max(96, h / 16)`` entries per expert on average runs each expert's whole FFN,
+        forward and backward, in one go on rows still in cache."""
+        rows_per_expert = num_entries / self.num_experts
         return (
             self.grouped_gemm == "auto"
             and x.device.type == "cpu"
-            and self.num_experts <= 64
-            and num_entries >= 256 * self.num_experts
+            and rows_per_expert >= max(96, self.d_hidden / 16)
             and not torch.compiler.is_compiling()
         )
 
-    def _unbound_params(self) -> list[_ExpertParams]:
-        """Each expert's ``(w_in, w_out, b_in, b_out, w_gate)`` as views of the stacks,
-        unbound once (indexing ``w[e]`` in a loop would make backward allocate a full
-        ``[E, d, h]`` gradient per expert; ``unbind`` stacks the gradients once)."""
-        stacks = [self.w_in, self.w_out, self.b_in, self.b_out, self.w_gate]
-        views = [[None] * self.num_experts if t is None else t.unbind(0) for t in stacks]
-        return cast("list[_ExpertParams]", list(zip(*views)))
+    def _loop(
+        self, x: Tensor, token: Tensor | None, weight: Tensor | None, sizes: list[int]
+    ) -> Tensor:
+        """The CPU per-expert loop (:class:`_ExpertLoopFFN`)."""
+        out = _ExpertLoopFFN.apply(
+            x,
+            token,
+            weight,
+            sizes,
+            self.activation,
+            self.w_in,
+            self.w_out,
+            self.b_in,
+            self.b_out,
+            self.w_gate,
+        )
+        return cast(Tensor, out)
 
     def _weights_hidden_rows(self, x: Tensor, routing: Routing) -> bool:
         if self.d_hidden >= self.d_model or x.dtype in (torch.float16, torch.bfloat16):

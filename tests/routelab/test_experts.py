@@ -395,17 +395,18 @@ def test_compiled_moe_fullgraph_equals_eager(d_hidden):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("activation", ["relu", "swiglu"])
-def test_cpu_cache_local_loop_equals_dense_reference(activation):
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cpu_cache_local_loop_equals_dense_reference(activation, bias):
     """The measured CPU rule's per-expert loop (at least 256 entries per expert, at most
-    64 experts) against the dense reference: output and every gradient."""
+    64 experts) against the dense reference: output and every gradient (x, routing
+    weights, parameters), top-2 over 3 experts one of which gets no entry."""
     torch.manual_seed(5)
-    T, E, d, h = 700, 2, 3, 5
-    experts = FFNExperts(E, d, h, activation=activation, dtype=torch.float64)
-    routing = Routing.from_topk(
-        torch.argsort(torch.rand(T, E), dim=1)[:, :1], torch.rand(T, 1, dtype=torch.float64), E
-    )
-    assert experts._cache_local_loop(torch.zeros(1, d, dtype=torch.float64), T)
+    T, E, d, h = 800, 3, 3, 5
+    experts = FFNExperts(E, d, h, activation=activation, bias=bias, dtype=torch.float64)
+    idx = torch.argsort(torch.rand(T, 2), dim=1)  # experts 0 and 1 only: expert 2 empty
+    routing = Routing.from_topk(idx, torch.rand(T, 2, dtype=torch.float64), E)
+    assert experts._cache_local_loop(torch.zeros(1, d, dtype=torch.float64), 2 * T)
     x = torch.randn(T, d, dtype=torch.float64)
     coef = torch.randn(T, d, dtype=torch.float64)
     got = _run(experts, "forward", x, routing, coef)
@@ -413,9 +414,30 @@ def test_cpu_cache_local_loop_equals_dense_reference(activation):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
     plan = ExpertDispatch.plan(routing)  # and the entry point for sorted rows
-    rows = plan.gather(x)
+    rows = plan.gather(x).requires_grad_(True)
+    ys = experts.run_sorted(rows, plan.counts)
     ids = plan.expert.tolist()
-    torch.testing.assert_close(
-        experts.run_sorted(rows, plan.counts),
-        torch.cat([experts.expert_forward(e, rows[n : n + 1]) for n, e in enumerate(ids)]),
-    )
+    ref_rows = rows.detach().clone().requires_grad_(True)
+    ref = torch.cat([experts.expert_forward(e, ref_rows[n : n + 1]) for n, e in enumerate(ids)])
+    torch.testing.assert_close(ys, ref)
+    upstream = torch.randn(len(ids), d, dtype=torch.float64)
+    ys.backward(upstream)
+    ref.backward(upstream)
+    torch.testing.assert_close(rows.grad, ref_rows.grad)
+
+
+def test_cpu_cache_local_loop_writes_weight_gradients_in_place():
+    """Issue 17: no re-stacking of the weight gradients. The loop's backward runs no
+    concatenation or stacking op (the autograd loop over views of the stacks ran one per
+    stacked parameter)."""
+    torch.manual_seed(0)
+    T, E, d, h = 600, 2, 4, 8
+    experts = FFNExperts(E, d, h)
+    routing = Routing.from_topk(torch.randint(0, E, (T, 1)), torch.rand(T, 1), E)
+    assert experts._cache_local_loop(torch.zeros(1, d), T)
+    y = experts(torch.randn(T, d, requires_grad=True), routing)
+    with torch.profiler.profile() as prof:
+        y.sum().backward()
+    ops = {event.key for event in prof.key_averages()}
+    assert not ops & {"aten::cat", "aten::stack", "aten::_cat"}, sorted(ops)
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in experts.parameters())
