@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from routelab._validate import (
+    all_finite,
     require_int,
     set_validation,
     validation,
@@ -56,7 +57,7 @@ def check_router_input(
             )
         if token_ids.device != x.device:
             raise ValueError(f"token_ids is on {token_ids.device} but x is on {x.device}")
-    if validation_enabled() and x.numel() and not bool(torch.isfinite(x).all()):
+    if validation_enabled() and not all_finite(x):
         raise ValueError("x contains NaN or inf (disable with routelab.validation(False))")
 
 

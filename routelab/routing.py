@@ -209,15 +209,22 @@ class Routing:
         if combine.dim() != 2:
             raise ValueError(f"combine must be [T, E], got shape {tuple(combine.shape)}")
         num_tokens, num_experts = combine.shape
-        if keep_zeros:
+        if keep_zeros or (
+            not torch.compiler.is_compiling()  # (a host sync: eager only)
+            and int(torch.count_nonzero(combine)) == combine.numel()
+        ):
+            # every entry, row-major (nonzero()'s order): the weights are combine itself,
+            # no gather and no scatter in backward
             token = torch.arange(num_tokens, device=combine.device).repeat_interleave(num_experts)
             expert = torch.arange(num_experts, device=combine.device).repeat(num_tokens)
+            weight = combine.reshape(-1)
         else:
             token, expert = torch.nonzero(combine, as_tuple=True)
+            weight = combine[token, expert]
         return cls(
             token=token,
             expert=expert,
-            weight=combine[token, expert],
+            weight=weight,
             num_tokens=num_tokens,
             num_experts=num_experts,
             probs=probs,

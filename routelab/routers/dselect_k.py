@@ -27,23 +27,46 @@ def smooth_step(t: Tensor, gamma: float) -> Tensor:
 
     Continuously differentiable (S' = 0 at both ends), elementwise on any shape.
     """
-    inner = -2.0 * t.pow(3) / gamma**3 + 1.5 * t / gamma + 0.5
-    half = gamma / 2
-    return torch.where(t <= -half, torch.zeros_like(t), torch.where(t >= half, 1.0, inner))
+    return _SmoothStep.apply(t, gamma)
 
 
-def _code_products(steps: Tensor) -> Tensor:
-    """``[..., m] -> [..., 2^m]``: ``r_l = prod_j (S_j if bit j of l is 1 else 1 - S_j)``.
+class _SmoothStep(torch.autograd.Function):
+    """``smooth_step`` with its closed-form derivative, ``S'(t) = 3 / (2 gamma) -
+    6 t^2 / gamma^3`` for ``|t| < gamma/2`` and 0 elsewhere (fewer passes each way than
+    autograd through the polynomial and both selections; the same values)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, gamma: float) -> Tensor:  # type: ignore[override]
+        ctx.gamma = gamma
+        ctx.save_for_backward(t)
+        half = gamma / 2
+        # -2 t^3 / gamma^3 + 1.5 t / gamma + 0.5, the operations in this order
+        inner = t.pow(3).mul_(-2.0).div_(gamma**3).add_(t.mul(1.5).div_(gamma)).add_(0.5)
+        return inner.masked_fill_(t >= half, 1.0).masked_fill_(t <= -half, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (t,) = ctx.saved_tensors
+        gamma = ctx.gamma
+        slope = t.square().mul_(-6.0 / gamma**3).add_(1.5 / gamma)
+        return slope.masked_fill_(t.abs() >= gamma / 2, 0.0).mul_(grad), None
+
+
+def _code_products(steps: Tensor, dim: int = -1) -> Tensor:
+    """``[..., m] -> [..., 2^m]``: ``r_l = prod_j (S_j if bit j of l is 1 else 1 - S_j)``
+    (the bits along ``dim``, -1 by default; ``dim=0`` maps ``[m, N] -> [2^m, N]``).
 
     Built one bit at a time: after bits ``0..j`` the codes with bit j set are the upper
     half, so each step is ``r <- [r * (1 - S_j), r * S_j]``. O(2^m) work and memory per
     selector (no ``[..., 2^m, m]`` factor tensor), and the product of every code is
     taken in the same order ``j = 0..m-1`` as the per-code formula.
     """
-    products = torch.ones_like(steps[..., :1])
-    for j in range(steps.shape[-1]):
-        step = steps[..., j : j + 1]
-        products = torch.cat([products * (1.0 - step), products * step], dim=-1)
+    shape = list(steps.shape)
+    shape[dim] = 1
+    products = steps.new_ones(shape)  # m = 0 bits: the one empty code
+    for j in range(steps.shape[dim]):
+        step = steps.narrow(dim, j, 1)
+        products = torch.cat([products * (1.0 - step), products * step], dim=dim)
     return products
 
 
@@ -86,6 +109,115 @@ class _SelectorEntropy(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         r, log_r = ctx.saved_tensors
         return (log_r + r / (r + _ENTROPY_EPS)).mul_(-grad)
+
+
+# Selectors per block of the fused entropy: about 2^18 selector weights (1 MiB in fp32) per
+# temporary, so the passes over a block stay in cache.
+_BLOCK_WEIGHTS = 2**18
+
+
+def _entropy_and_gradients(low: Tensor, high: Tensor, grads: bool) -> tuple[Tensor, ...]:
+    """``H = -sum r log(r + eps)`` over every selector ``r = high (x) low`` (outer product
+    ``[2^hi, 2^lo]`` per selector; ``low [2^lo, N]`` and ``high [2^hi, N]`` hold the N
+    selectors along the last, contiguous axis), and with ``grads`` ``-dH/dlow`` and
+    ``-dH/dhigh`` (the same shapes)::
+
+        w = -dH/dr = log(r + eps) + r / (r + eps)
+        -dH/dlow_a = sum_h high_h w_ha,   -dH/dhigh_h = sum_a w_ha low_a
+
+    Every pass runs over long rows of selectors (with the 2^lo codes last, each would
+    loop over 8 elements at a time), in blocks of about ``_BLOCK_WEIGHTS`` weights kept in
+    three reused buffers that stay in cache; ``r`` is never formed whole.
+    """
+    (num_low, num_selectors), num_high = low.shape, high.shape[0]
+    block = max(1, min(num_selectors, _BLOCK_WEIGHTS // (num_low * num_high)))
+    entropy = low.new_zeros(())
+    by_low, by_high = torch.empty_like(low), torch.empty_like(high)
+    buffers = low.new_empty(3, num_high * num_low * block)
+    for start in range(0, num_selectors, block):
+        stop = min(start + block, num_selectors)
+        lo, hi = low[:, start:stop], high[:, start:stop]
+        r, log_r, ratio = buffers[:, : num_high * num_low * (stop - start)].view(
+            3, num_high, num_low, stop - start
+        )
+        torch.mul(hi.unsqueeze(1), lo.unsqueeze(0), out=r)  # [2^hi, 2^lo, n]
+        torch.add(r, _ENTROPY_EPS, out=log_r)
+        if grads:
+            torch.div(r, log_r, out=ratio)
+        log_r.log_()
+        entropy -= torch.dot(r.view(-1), log_r.view(-1))
+        if grads:
+            w = log_r.add_(ratio)
+            weighted = torch.mul(w, hi.unsqueeze(1), out=ratio)  # ratio is free again
+            torch.sum(weighted, dim=0, out=by_low[:, start:stop])
+            torch.sum(w.mul_(lo.unsqueeze(0)), dim=1, out=by_high[:, start:stop])
+    return (entropy, by_low, by_high) if grads else (entropy,)
+
+
+class _CodeMixture(torch.autograd.Function):
+    """The gate and the selectors' entropy when E = 2^m, fused.
+
+    Each selector is an outer product: with the m bits split into the low ``m_lo`` and
+    the high ``m - m_lo`` ones, code ``l = h * 2^m_lo + a`` has ``r_l = high_h * low_a``,
+    with ``low [2^lo, N]`` and ``high [2^hi, N]`` the code products of each half
+    (``_code_products`` with ``dim=0``) for the ``N = T*k`` selectors, selector
+    ``t*k + i`` being token t's i-th. Then, ``mix [T, k]``::
+
+        G[t, h, a] = sum_i mix_ti high_h,ti low_a,ti   one batched matmul, r never formed
+        H = -sum_{t, i, l} r_l log(r_l + eps)         blocks of r, in cache
+
+    H is a scalar, so its gradients with respect to low and high (small) are computed
+    with it, in the same pass over each block (``_entropy_and_gradients``), and
+    nothing of size ``[T, k, E]`` is kept for the backward. Backward
+    (``g = dL/dG [T, 2^hi, 2^lo]``, ``c = dL/dH``)::
+
+        dL/dlow_a,ti  = mix_ti sum_h high_h,ti g_tha + c dH/dlow_a,ti
+        dL/dhigh_h,ti = mix_ti sum_a low_a,ti g_tha  + c dH/dhigh_h,ti
+        dL/dmix_ti    = sum_h high_h,ti sum_a low_a,ti g_tha
+
+    Returns ``(G [T, E], H)`` (H = 0 with ``with_entropy=False``). The same values as
+    ``selector_weights`` + ``matmul`` + ``_SelectorEntropy`` up to float rounding (the
+    factors are multiplied in another order); tested against them and by gradcheck.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, low: Tensor, high: Tensor, mix: Tensor, with_entropy: bool
+    ) -> tuple[Tensor, Tensor]:
+        (num_tokens, k), num_low, num_high = mix.shape, low.shape[0], high.shape[0]
+        low_rows = low.t().reshape(num_tokens, k, num_low)  # [T, k, 2^lo]
+        high_rows = high.t().reshape(num_tokens, k, num_high)  # [T, k, 2^hi]
+        # sum_i (mix_i high_i)^T low_i: [T, 2^hi, k] @ [T, k, 2^lo]
+        gates = torch.bmm((mix.unsqueeze(-1) * high_rows).transpose(1, 2), low_rows)
+        gates = gates.view(num_tokens, num_high * num_low)
+        ctx.with_entropy = with_entropy
+        entropy, *entropy_grads = (
+            _entropy_and_gradients(low, high, ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+            if with_entropy
+            else (low.new_zeros(()),)
+        )
+        ctx.save_for_backward(low_rows, high_rows, mix, *entropy_grads)
+        return gates, entropy
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx, grad_gates: Tensor, grad_entropy: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, None]:
+        low_rows, high_rows, mix = ctx.saved_tensors[:3]
+        num_tokens, _, num_low = low_rows.shape
+        num_high = high_rows.shape[-1]
+        g = grad_gates.reshape(num_tokens, num_high, num_low)
+        low_sums = torch.bmm(high_rows, g)  # sum_h high_h g_ha: [T, k, 2^lo]
+        high_sums = torch.bmm(low_rows, g.transpose(1, 2))  # sum_a low_a g_ha: [T, k, 2^hi]
+        grad_mix = (high_sums * high_rows).sum(dim=-1)
+        # back to the selector-major layout [2^lo, N], [2^hi, N]
+        grad_low = low_sums.mul_(mix.unsqueeze(-1)).view(-1, num_low).t()
+        grad_high = high_sums.mul_(mix.unsqueeze(-1)).view(-1, num_high).t()
+        if ctx.with_entropy and len(ctx.saved_tensors) > 3:  # dH/dlow = -by_low, ...
+            by_low, by_high = ctx.saved_tensors[3:]
+            grad_low = torch.addcmul(grad_low, by_low, grad_entropy, value=-1.0)
+            grad_high = torch.addcmul(grad_high, by_high, grad_entropy, value=-1.0)
+        return grad_low, grad_high, grad_mix, None
 
 
 class DSelectKGate(Router):
@@ -214,33 +346,56 @@ class DSelectKGate(Router):
         self.alpha_proj.weight.copy_(tensor("alpha", alpha, (d, k)).t())
         self.alpha_proj.bias.copy_(tensor("alpha_bias", alpha_bias, (k,)))
 
+    def selector_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z, alpha)``: the selectors' bit logits ``[T, k, m]`` and mixing logits
+        ``[T, k]`` (``[1, k, m]`` and ``[1, k]`` in the static variant), at least fp32."""
+        if not self.per_example:
+            return upcast_half(self.z)[None], upcast_half(self.alpha)[None]
+        # one matmul for both projections: [T, k*m + k]
+        weight = torch.cat([self.z_proj.weight, self.alpha_proj.weight]).t()
+        bias = torch.cat([self.z_proj.bias, self.alpha_proj.bias])
+        z, alpha = router_logits(x, weight, bias).split([self.k * self.num_bits, self.k], 1)
+        return z.reshape(-1, self.k, self.num_bits), alpha
+
     def gate_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(G, r)``: the expert weights ``[T, E]`` and the selectors ``[T, k, E]``
-        (``[1, k, E]`` in the static variant)."""
-        if self.per_example:
-            # one matmul for both projections: [T, k*m + k]
-            weight = torch.cat([self.z_proj.weight, self.alpha_proj.weight]).t()
-            bias = torch.cat([self.z_proj.bias, self.alpha_proj.bias])
-            z, alpha = router_logits(x, weight, bias).split([self.k * self.num_bits, self.k], 1)
-            z = z.reshape(-1, self.k, self.num_bits)  # [T, k, m]; alpha [T, k]
-        else:
-            z = upcast_half(self.z)[None]  # [1, k, m]
-            alpha = upcast_half(self.alpha)[None]  # [1, k]
+        (``[1, k, E]`` in the static variant), composed directly from the formula
+        (``route`` gets the same ``G`` from a fused computation when E = 2^m)."""
+        z, alpha = self.selector_logits(x)
         r = selector_weights(smooth_step(z, self.gamma), self.num_experts)  # [., k, E]
         mix = torch.softmax(alpha, dim=-1).unsqueeze(-2)  # [., 1, k]
         gates = torch.matmul(mix, r).squeeze(-2)  # sum_i mix_i r_i: [., E]
         return gates, r
 
+    def _gates_and_entropy(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(G [., E], sum of the selectors' entropies or None)``: fused when E = 2^m
+        (``_CodeMixture``), else through ``gate_weights``."""
+        with_entropy = self.entropy_weight > 0
+        if self.num_experts != 2**self.num_bits:
+            gates, r = self.gate_weights(x)
+            return gates, _SelectorEntropy.apply(r) if with_entropy else None
+        z, alpha = self.selector_logits(x)
+        # selector-major [m, N] (N = T*k, selector t*k + i): elementwise passes over long rows
+        steps = smooth_step(z.permute(2, 0, 1).reshape(self.num_bits, -1), self.gamma)
+        low_bits = self.num_bits // 2
+        if 2 * low_bits == self.num_bits:  # both halves in one pass: [2, 2^(m/2), N]
+            low, high = _code_products(steps.view(2, low_bits, -1), dim=1).unbind(0)
+        else:
+            low = _code_products(steps[:low_bits], dim=0)  # [2^lo, N]
+            high = _code_products(steps[low_bits:], dim=0)  # [2^hi, N]
+        # softmax over k along dim 0 of the transpose (over a short last dim: ~10x slower)
+        mix = torch.softmax(alpha.t(), dim=0).t().contiguous()  # [., k]
+        gates, entropy = _CodeMixture.apply(low, high, mix, with_entropy)
+        return gates, entropy if with_entropy else None
+
     def route(self, x: Tensor, token_ids: Tensor | None) -> Routing:
         num_tokens = x.shape[0]
-        gates, r = self.gate_weights(x)
+        gates, entropy = self._gates_and_entropy(x)
+        aux: dict[str, Tensor] = {}
+        if entropy is not None:  # mean over tokens (one row if static) of sum_i entropy(r_i)
+            aux["entropy"] = self.entropy_weight * (entropy / max(gates.shape[0], 1))
         if not self.per_example:
             gates = gates.to(upcast_half(x).dtype).expand(num_tokens, self.num_experts)
-        aux: dict[str, Tensor] = {}
-        if self.entropy_weight > 0:
-            # mean over tokens of sum_i entropy(r_i): one dot product over [., k, E]
-            mean = _SelectorEntropy.apply(r) / max(r.shape[0], 1)
-            aux["entropy"] = self.entropy_weight * mean
         return Routing.from_dense(gates, probs=gates, aux=aux)
 
     def extra_repr(self) -> str:

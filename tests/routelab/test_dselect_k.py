@@ -341,3 +341,117 @@ def test_selector_entropy_value_and_gradient():
     torch.testing.assert_close(_SelectorEntropy.apply(r), -(r * torch.log(r + 1e-6)).sum())
     inside = (0.1 + 0.8 * r.detach()).requires_grad_(True)  # finite differences stay >= 0
     assert torch.autograd.gradcheck(_SelectorEntropy.apply, (inside,))
+
+
+# ------------------------------------------------------------------ fused path (E = 2^m)
+def _paper_smooth_step(t, gamma):
+    """Eq. 3 written out: the polynomial between -gamma/2 and gamma/2, 0 and 1 outside."""
+    inner = -2.0 * t**3 / gamma**3 + 1.5 * t / gamma + 0.5
+    return torch.where(t <= -gamma / 2, 0.0, torch.where(t >= gamma / 2, 1.0, inner))
+
+
+@pytest.mark.parametrize("gamma", [0.1, 1.0, 1.7])
+def test_smooth_step_values_and_slope_match_the_formula(gamma):
+    gen = torch.Generator().manual_seed(0)
+    t = (torch.randn(500, dtype=torch.float64, generator=gen) * gamma).requires_grad_()
+    t_ref = t.detach().clone().requires_grad_()
+    ends = torch.tensor([-gamma / 2, gamma / 2], dtype=torch.float64)
+    t_ends, t_ends_ref = ends.clone().requires_grad_(), ends.clone().requires_grad_()
+    got, want = smooth_step(t, gamma), _paper_smooth_step(t_ref, gamma)
+    assert torch.equal(got, want)  # the same operations in the same order
+    coef = torch.randn(500, dtype=torch.float64, generator=gen)
+    (got * coef).sum().backward()
+    (want * coef).sum().backward()
+    torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-12, atol=1e-12)
+    smooth_step(t_ends, gamma).sum().backward()  # S' = 0 at both ends, as autograd gives
+    _paper_smooth_step(t_ends_ref, gamma).sum().backward()
+    assert torch.equal(t_ends.grad, t_ends_ref.grad)
+
+
+def _reference_gate(gate, x):
+    """Dense G and the aux entropy from the plain composition (``gate_weights``: the
+    selectors of ``selector_weights``, a matmul, the elementwise entropy)."""
+    gates, r = gate.gate_weights(x)
+    entropy = -(r * torch.log(r + 1e-6)).sum() / max(r.shape[0], 1)
+    if not gate.per_example:
+        gates = gates.expand(x.shape[0], gate.num_experts)
+    return gates, gate.entropy_weight * entropy
+
+
+@given(
+    T=st.integers(0, 12),
+    m=st.integers(1, 7),
+    seed=st.integers(0, 999),
+    scale=st.sampled_from([0.3, 30.0]),  # 30: most bits saturate, so the gate is sparse
+    data=st.data(),
+)
+def test_fused_gate_matches_the_composition(T, m, seed, scale, data):
+    E = 2**m
+    k = data.draw(st.integers(1, min(E, 4)))
+    per_example = data.draw(st.booleans())
+    torch.manual_seed(seed)
+    gate = DSelectKGate(5, E, k=k, gamma=0.7, entropy_weight=0.1, per_example=per_example)
+    gate = gate.double()
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_(0, scale)
+    x = torch.randn(T, 5, dtype=torch.float64)
+    routing = gate(x)
+    want, want_entropy = _reference_gate(gate, x)
+    dense = routing.to_dense()
+    torch.testing.assert_close(dense, want, rtol=1e-12, atol=1e-15)
+    assert torch.equal(dense != 0, want != 0)  # the same entries: exact zeros agree
+    torch.testing.assert_close(routing.aux["entropy"], want_entropy, rtol=1e-12, atol=1e-15)
+    coef = torch.randn(T, E, dtype=torch.float64)
+    params = list(gate.parameters())
+    got_loss = (routing.to_dense() * coef).sum() + routing.aux_loss
+    want_loss = (want * coef).sum() + want_entropy
+    if not got_loss.requires_grad:
+        return
+    got_grads = torch.autograd.grad(got_loss, params, allow_unused=True)
+    want_grads = torch.autograd.grad(want_loss, params, allow_unused=True)
+    for got_g, want_g in zip(got_grads, want_grads, strict=True):
+        if want_g is None:
+            assert got_g is None or not bool(got_g.any())
+        else:
+            torch.testing.assert_close(got_g, want_g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_gradcheck_of_the_code_mixture(with_entropy):
+    from routelab.routers.dselect_k import _CodeMixture
+
+    gen = torch.Generator().manual_seed(0)
+    T, k, lo, hi = 3, 2, 2, 4
+    # inside (0.05, 0.95): the finite differences keep every weight positive
+    low = (0.05 + 0.9 * torch.rand(lo, T * k, generator=gen, dtype=torch.float64)).requires_grad_()
+    high = (0.05 + 0.9 * torch.rand(hi, T * k, generator=gen, dtype=torch.float64)).requires_grad_()
+    mix = torch.softmax(torch.randn(T, k, generator=gen, dtype=torch.float64), -1).requires_grad_()
+
+    def fused(a, b, w):
+        gates, entropy = _CodeMixture.apply(a, b, w, with_entropy)
+        return gates, entropy
+
+    assert torch.autograd.gradcheck(fused, (low, high, mix))
+    gates, entropy = fused(low, high, mix)
+    # against the outer products written out: r[t, i, h * lo + a] = high[h, ti] low[a, ti]
+    r = (high.t().reshape(T, k, hi, 1) * low.t().reshape(T, k, 1, lo)).reshape(T, k, hi * lo)
+    torch.testing.assert_close(gates, (mix.unsqueeze(-1) * r).sum(dim=1))
+    expected = -(r * torch.log(r + 1e-6)).sum() if with_entropy else torch.zeros(())
+    torch.testing.assert_close(entropy, expected.to(entropy.dtype))
+
+
+def test_entropy_blocks_give_the_unblocked_values(monkeypatch):
+    from routelab.routers import dselect_k
+
+    gen = torch.Generator().manual_seed(0)
+    low = torch.rand(8, 37, generator=gen, dtype=torch.float64)
+    high = torch.rand(4, 37, generator=gen, dtype=torch.float64)
+    whole = dselect_k._entropy_and_gradients(low, high, True)
+    monkeypatch.setattr(dselect_k, "_BLOCK_WEIGHTS", 32 * 5)  # 5 selectors a block, 2 left
+    blocked = dselect_k._entropy_and_gradients(low, high, True)
+    for got, want in zip(blocked, whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+    r = high.t().reshape(37, 4, 1) * low.t().reshape(37, 1, 8)  # [N, hi, lo]
+    torch.testing.assert_close(whole[0], -(r * torch.log(r + 1e-6)).sum())
+    torch.testing.assert_close(dselect_k._entropy_and_gradients(low, high, False)[0], whole[0])

@@ -11,9 +11,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from routelab import FFNExperts, MoE, Routing
 from routelab._validate import (
+    all_finite,
     exact_fraction,
     require_bool,
     require_choice,
@@ -595,3 +598,17 @@ def test_edge_input_that_is_valid_works(label, call):
 def test_case_count():
     # for the closing note: the number of hostile inputs this file tries
     assert len(CASES) >= 140 and len(EDGE_CASES_THAT_WORK) >= 9
+
+
+_SPECIAL = st.sampled_from([float("nan"), float("inf"), -float("inf"), 3e38, -3e38, 1e308])
+
+
+@given(
+    values=st.lists(st.floats(-1e6, 1e6) | _SPECIAL, max_size=12),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+)
+def test_all_finite_equals_the_elementwise_check(values, dtype):
+    """The sum shortcut (a finite sum proves every element finite) agrees with
+    ``isfinite(x).all()`` everywhere, overflowing sums of finite values included."""
+    x = torch.tensor(values, dtype=torch.float64).to(dtype)
+    assert all_finite(x) == bool(torch.isfinite(x).all())

@@ -205,6 +205,32 @@ def test_gradcheck_of_the_load_estimator():
     assert torch.autograd.gradcheck(with_top, (clean, noisy, std))
 
 
+@given(seed=st.integers(0, 999), ties=st.booleans(), k=st.integers(1, 4))
+def test_smooth_load_equals_the_elementwise_composition(seed, ties, k):
+    """The fused estimator against ndtr((clean - kth_excluding(noisy)) / std) through
+    autograd: the same values, the same gradients; with ties in the noisy logits too."""
+    gen = torch.Generator().manual_seed(seed)
+    T, E = 7, 5
+
+    def leaf(t):
+        return t.to(torch.float64).requires_grad_()
+
+    clean = leaf(torch.randn(T, E, generator=gen))
+    noisy_values = torch.randint(-2, 3, (T, E), generator=gen) if ties else torch.randn(T, E)
+    noisy = leaf(noisy_values)
+    std = leaf(torch.rand(T, E, generator=gen) + 0.1)
+    copies = [leaf(t.detach()) for t in (clean, noisy, std)]
+    got = smooth_load(clean, noisy, std, k)
+    threshold = kth_excluding(copies[1], k)
+    want = torch.special.ndtr((copies[0] - threshold) / copies[2])
+    assert torch.equal(got, want)
+    coef = torch.randn(T, E, generator=gen, dtype=torch.float64)
+    got_grads = torch.autograd.grad((got * coef).sum(), (clean, noisy, std))
+    want_grads = torch.autograd.grad((want * coef).sum(), copies)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
 def test_gradient_reaches_w_noise_through_the_load_loss():
     gate = NoisyTopKGate(6, 4, k=2, importance_weight=0, load_weight=1.0)  # zero init
     torch.manual_seed(0)

@@ -278,3 +278,24 @@ def test_capacity_from_factor_known_values_and_bad_input():
         capacity_from_factor(1.0, 10, 0)
     with pytest.raises(TypeError, match="num_entries"):
         capacity_from_factor(1.0, 10.0, 2)
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_from_dense_equals_nonzero_gather(zeros):
+    """``from_dense`` (which skips the gather when no weight is zero) against the plain
+    construction: the non-zero entries in row-major order, weights gathered; the same
+    weights and the same gradients."""
+    gen = torch.Generator().manual_seed(0)
+    gates = torch.rand(6, 4, generator=gen, dtype=torch.float64) + 0.1
+    if zeros:
+        gates[1, 2] = gates[4, 0] = 0.0
+    gates.requires_grad_()
+    got = Routing.from_dense(gates, probs=gates)
+    token, expert = (gates.detach() != 0).nonzero(as_tuple=True)
+    assert torch.equal(got.token, token) and torch.equal(got.expert, expert)
+    want = gates[token, expert]
+    assert torch.equal(got.weight, want)
+    coef = torch.randn(got.num_entries, generator=gen, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad((got.weight * coef).sum(), gates)
+    (g_want,) = torch.autograd.grad((want * coef).sum(), gates)
+    assert torch.equal(g_got, g_want)
