@@ -277,40 +277,58 @@ def _host_segment_loops(xs: Tensor) -> bool:
 # the step (kernel time; the arithmetic equal to the per-expert loop's). A transparent
 # huge page hint on the fresh buffer (the madvise PyTorch makes itself under
 # THP_MEM_ALLOC_ENABLE=1) turns 512 faults into one: kernel time 0.116 -> 0.045 s per
-# step there. It is used where few rows per expert make the weight gradient the bulk of
-# the step's memory (the grouped and segment kernels); with the CPU loop's >= 256 rows
-# per expert it measured no gain (3% slower at T = 8192, h = 2048, E = 16).
+# step there. The hint is given only to a fresh mapping (its first huge page not yet
+# resident, by mincore): on memory glibc hands out again from its heap (resident
+# already) it bought nothing and measured 3% slower (T = 8192, h = 2048, E = 16).
 _HUGE_PAGE = 2 << 20
 _MMAP_THRESHOLD_MAX = 32 << 20
 _MADV_HUGEPAGE = 14
 
 
-def _load_madvise() -> Callable[[int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return cast("Callable[[int, int, int], int]", madvise)
+class _PageHints:
+    """``madvise`` and ``mincore`` from the C library (Linux; None elsewhere)."""
+
+    def __init__(self) -> None:
+        self.madvise: Any = None
+        self.mincore: Any = None
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            madvise, mincore = libc.madvise, libc.mincore
+        except (OSError, AttributeError):
+            return
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        madvise.restype = mincore.restype = ctypes.c_int
+        self.madvise, self.mincore = madvise, mincore
+        self._resident = ctypes.create_string_buffer(1)
+
+    def hint_fresh(self, address: int, size: int) -> bool:
+        """Give the huge page hint to the huge pages inside ``[address, address + size)``
+        when the first of them is not resident yet (a fresh mapping); whether it did."""
+        if self.madvise is None:
+            return False
+        begin = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+        end = (address + size) // _HUGE_PAGE * _HUGE_PAGE
+        if end <= begin or self.mincore(begin, 1, self._resident) != 0:
+            return False
+        if self._resident.raw[0] & 1:  # resident: memory reused from the heap
+            return False
+        return self.madvise(begin, end - begin, _MADV_HUGEPAGE) == 0
 
 
-_madvise = _load_madvise()
+_page_hints = _PageHints()
 
 
 def _empty_written_once(like: Tensor) -> Tensor:
-    """``torch.empty_like(like)`` for a buffer the caller overwrites in full; a large CPU
-    buffer carries the huge page hint (a no-op where the kernel has no transparent huge
-    pages, or the memory came from the heap)."""
+    """``torch.empty_like(like)`` for a buffer the caller overwrites in full; a large fresh
+    CPU buffer carries the huge page hint (a no-op where the kernel has no transparent
+    huge pages)."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
     size = out.numel() * out.element_size()
-    if _madvise is not None and out.device.type == "cpu" and size > _MMAP_THRESHOLD_MAX:
-        begin = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (out.data_ptr() + size) // _HUGE_PAGE * _HUGE_PAGE
-        if end > begin:
-            _madvise(begin, end - begin, _MADV_HUGEPAGE)
+    if out.device.type == "cpu" and size > _MMAP_THRESHOLD_MAX:
+        _page_hints.hint_fresh(out.data_ptr(), size)
     return out
 
 
@@ -497,9 +515,7 @@ class _ExpertLoopFFN(torch.autograd.Function):
     expert's hidden rows ``h_e [n, h]`` (plus ``a_e`` for GELU / SiLU, ``a_e`` and the
     gate for SwiGLU) as separate tensors: one ``[N, h]`` buffer would be a fresh mapping
     each step (the page faults of :func:`_empty_written_once`), per-expert ones come from
-    the reused heap. (The weight gradients take no huge page hint here: with at least 256
-    rows per expert the faults are a small part of the step, and the hint measured 3%
-    slower at T = 8192, E = 16, h = 2048.)
+    the reused heap.
 
     ``token=None``: the rows are ``x`` itself, already in expert order (``out [N, d]``,
     :meth:`FFNExperts.run_sorted`); ``weight=None``: no combine weights (1).
@@ -568,11 +584,9 @@ class _ExpertLoopFFN(torch.autograd.Function):
         acc_dtype = _accumulation_dtype(x.dtype)
         grad_x = x.new_zeros(x.shape, dtype=acc_dtype) if need_x else None
         grad_weight = torch.empty_like(weight) if need_weight else None
-        few_rows = sum(ctx.sizes) < 256 * len(ctx.sizes)
-        new_grad = _empty_written_once if few_rows else torch.empty_like
-        grad_w_in = new_grad(w_in) if need_w_in else None
-        grad_w_out = new_grad(w_out) if need_w_out else None
-        grad_w_gate = new_grad(w_gate) if need_w_gate else None
+        grad_w_in = _empty_written_once(w_in) if need_w_in else None
+        grad_w_out = _empty_written_once(w_out) if need_w_out else None
+        grad_w_gate = _empty_written_once(w_gate) if need_w_gate else None
         grad_b_in = x.new_empty((w_in.shape[0], w_in.shape[2])) if need_b_in else None
         grad_b_out = x.new_empty((w_out.shape[0], w_out.shape[2])) if need_b_out else None
         params = _expert_views(w_in, w_out, None, b_out, w_gate)

@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 import torch
@@ -464,3 +465,20 @@ def test_cpu_cache_local_loop_in_bfloat16_follows_the_fp64_reference(activation)
     for a, b in zip(got, want):
         scale = float(b.abs().max())
         torch.testing.assert_close(a.double(), b, atol=3e-2 * scale, rtol=0)
+
+
+def test_huge_page_hint_only_on_fresh_mappings():
+    """The hint goes to a fresh mapping (not yet resident) and never to memory already in
+    use (touched pages: what glibc hands out again from its heap)."""
+    from routelab import experts as module
+
+    hints = module._page_hints
+    if hints.madvise is None or not os.path.exists("/sys/kernel/mm/transparent_hugepage"):
+        pytest.skip("no madvise / mincore or no transparent huge pages on this platform")
+    fresh = torch.empty(64 << 20, dtype=torch.uint8)
+    assert hints.hint_fresh(fresh.data_ptr(), fresh.numel())
+    fresh.fill_(1)
+    assert not hints.hint_fresh(fresh.data_ptr(), fresh.numel())
+    assert not hints.hint_fresh(fresh.data_ptr(), 1 << 20)  # no whole huge page inside
+    grad = module._empty_written_once(torch.empty(16, 1 << 20))  # [16, 1M] fp32: 64 MiB
+    assert grad.shape == (16, 1 << 20) and grad.is_contiguous()
