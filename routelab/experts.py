@@ -275,61 +275,50 @@ def _host_segment_loops(xs: Tensor) -> bool:
 # gradient is such a buffer each step (per-expert weights of a few MiB come from the
 # reused heap instead); at T = 64, d = 1024, h = 4096, E = 8 the faults were a third of
 # the step (kernel time; the arithmetic equal to the per-expert loop's). A transparent
-# huge page hint on the fresh buffer (the madvise PyTorch makes itself under
+# huge page hint on the buffer (the madvise PyTorch makes itself under
 # THP_MEM_ALLOC_ENABLE=1) turns 512 faults into one: kernel time 0.116 -> 0.045 s per
-# step there. The hint is given only to a fresh mapping (its first huge page not yet
-# resident, by mincore), and only where few rows per expert make the weight gradient the
-# bulk of the step's memory (the grouped and segment kernels): with the CPU loop's
-# >= 96 rows per expert it measured 1-3% slower (T = 8192, h = 2048, E = 16).
+# step there. It is used where few rows per expert make the weight gradient the bulk of
+# the step's memory (the grouped and segment kernels); in the CPU loop (>= 96 rows per
+# expert) it measured 1-3% slower (T = 8192, h = 2048, E = 16), and so did hinting only
+# buffers whose first huge page was not yet resident (mincore) at T = 64.
 _HUGE_PAGE = 2 << 20
 _MMAP_THRESHOLD_MAX = 32 << 20
 _MADV_HUGEPAGE = 14
 
 
-class _PageHints:
-    """``madvise`` and ``mincore`` from the C library (Linux; None elsewhere)."""
-
-    def __init__(self) -> None:
-        self.madvise: Any = None
-        self.mincore: Any = None
-        if not sys.platform.startswith("linux"):
-            return
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            madvise, mincore = libc.madvise, libc.mincore
-        except (OSError, AttributeError):
-            return
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-        madvise.restype = mincore.restype = ctypes.c_int
-        self.madvise, self.mincore = madvise, mincore
-        self._resident = ctypes.create_string_buffer(1)
-
-    def hint_fresh(self, address: int, size: int) -> bool:
-        """Give the huge page hint to the huge pages inside ``[address, address + size)``
-        when the first of them is not resident yet (a fresh mapping); whether it did."""
-        if self.madvise is None:
-            return False
-        begin = -(-address // _HUGE_PAGE) * _HUGE_PAGE
-        end = (address + size) // _HUGE_PAGE * _HUGE_PAGE
-        if end <= begin or self.mincore(begin, 1, self._resident) != 0:
-            return False
-        if self._resident.raw[0] & 1:  # resident: memory reused from the heap
-            return False
-        return self.madvise(begin, end - begin, _MADV_HUGEPAGE) == 0
+def _load_madvise() -> Callable[[int, int, int], int] | None:
+    """The C library's ``madvise`` (Linux; None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return cast("Callable[[int, int, int], int]", madvise)
 
 
-_page_hints = _PageHints()
+_madvise = _load_madvise()
+
+
+def _huge_pages_inside(address: int, size: int) -> tuple[int, int]:
+    """``(begin, end)``: the whole 2 MiB huge pages inside ``[address, address + size)``
+    (``end <= begin``: none)."""
+    begin = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+    return begin, (address + size) // _HUGE_PAGE * _HUGE_PAGE
 
 
 def _empty_written_once(like: Tensor) -> Tensor:
-    """``torch.empty_like(like)`` for a buffer the caller overwrites in full; a large fresh
-    CPU buffer carries the huge page hint (a no-op where the kernel has no transparent
-    huge pages)."""
+    """``torch.empty_like(like)`` for a buffer the caller overwrites in full; a large CPU
+    buffer carries the huge page hint on the huge pages inside it (a no-op where the
+    kernel has no transparent huge pages)."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
     size = out.numel() * out.element_size()
-    if out.device.type == "cpu" and size > _MMAP_THRESHOLD_MAX:
-        _page_hints.hint_fresh(out.data_ptr(), size)
+    if _madvise is not None and out.device.type == "cpu" and size > _MMAP_THRESHOLD_MAX:
+        begin, end = _huge_pages_inside(out.data_ptr(), size)
+        if end > begin:
+            _madvise(begin, end - begin, _MADV_HUGEPAGE)
     return out
 
 
@@ -508,7 +497,8 @@ class _ExpertLoopFFN(torch.autograd.Function):
     a_e``), ``y_e = h_e W_out[e] + b_out[e]``, and ``out[token_e] += w_e * y_e``.
     Backward, per expert on the same rows while they are in cache, with
     ``g_e = grad_out[token_e]`` and ``u_e = g_e W_out[e]^T``:
-    ``dw_e = rowsum(u_e * h_e) + g_e b_out[e]`` (no saved ``y_e``),
+    ``dw_e = rowsum(g_e * y_e)`` from the saved ``y_e [n, d]`` where h > d, else
+    ``rowsum(u_e * h_e) + g_e b_out[e]`` (no ``y_e`` kept: the shorter rows either way),
     ``dW_out[e] = h_e^T (w_e g_e)``, ``dh_e = w_e u_e``, then through the activation to
     ``da_e``, ``dW_in[e] = x_e^T da_e`` and ``dx[token_e] += da_e W_in[e]^T``. Every
     expert's weight gradient is written in place into one ``[E, a, b]`` tensor: no
@@ -539,7 +529,10 @@ class _ExpertLoopFFN(torch.autograd.Function):
     ) -> Tensor:
         acc_dtype = _accumulation_dtype(x.dtype)
         out = x.new_zeros((x.shape[0], w_out.shape[2]), dtype=acc_dtype)
-        saved: list[Tensor] = []  # per active expert: h (ReLU), or (h, a), or (h, a, gate)
+        # per active expert: h (ReLU), or (h, a), or (h, a, gate); then y where the combine
+        # weights' gradient is cheaper from the outputs ([n, d] rows) than from h ([n, h])
+        saved: list[Tensor] = []
+        keep_outputs = bool(ctx.needs_input_grad[2]) and w_in.shape[2] > w_out.shape[2]
         # per-expert views made once (each indexing op costs ~2 us; 256 experts x 10 ops)
         params = _expert_views(w_in, w_out, b_in, b_out, w_gate)
         inputs = torch.split(x, sizes) if token is None else None
@@ -563,21 +556,24 @@ class _ExpertLoopFFN(torch.autograd.Function):
                 h = _ACTIVATION_FNS[activation](a)
                 saved += (h, a)
             y = (h @ W_out if B_out is None else torch.addmm(B_out, h, W_out)).to(acc_dtype)
+            if keep_outputs:
+                saved.append(y)
             if weights is not None:
-                y.mul_(weights[e])
+                y = y * weights[e] if keep_outputs else y.mul_(weights[e])
             if tokens is None:
                 outputs[e].copy_(y)
             else:
                 out.index_add_(0, tokens[e], y)
         ctx.save_for_backward(x, token, weight, w_in, w_out, b_out, w_gate, *saved)
         ctx.sizes, ctx.activation, ctx.has_b_in = sizes, activation, b_in is not None
+        ctx.keep_outputs = keep_outputs
         return out.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, token, weight, w_in, w_out, b_out, w_gate, *saved = ctx.saved_tensors
-        per_expert = {"relu": 1, "swiglu": 3}.get(ctx.activation, 2)
+        per_expert = {"relu": 1, "swiglu": 3}.get(ctx.activation, 2) + ctx.keep_outputs
         need = ctx.needs_input_grad
         need_x, need_weight = need[0], need[2]
         need_w_in, need_w_out, need_b_in, need_b_out, need_w_gate = need[5:10]
@@ -585,8 +581,7 @@ class _ExpertLoopFFN(torch.autograd.Function):
         acc_dtype = _accumulation_dtype(x.dtype)
         grad_x = x.new_zeros(x.shape, dtype=acc_dtype) if need_x else None
         grad_weight = torch.empty_like(weight) if need_weight else None
-        # (no huge page hint: with the loop's >= 96 rows per expert it measured slower,
-        # 0.97 against 0.985-0.99 of the HF loop's time at T = 8192, h = 2048, E = 16)
+        # (no huge page hint here: measured slower, see _empty_written_once)
         grad_w_in = torch.empty_like(w_in) if need_w_in else None
         grad_w_out = torch.empty_like(w_out) if need_w_out else None
         grad_w_gate = torch.empty_like(w_gate) if need_w_gate else None
@@ -610,13 +605,17 @@ class _ExpertLoopFFN(torch.autograd.Function):
             W_in, W_out, _, B_out, W_gate = params[e]
             g = grad_rows[e] if tokens is None else grad_out.index_select(0, tokens[e])
             h, *pre = saved[active * per_expert : (active + 1) * per_expert]
+            y = pre.pop() if ctx.keep_outputs else None
             active += 1
             u = g @ W_out.t()  # [n, h]: d(loss)/d(h) before the combine weight
             if weights is not None:
                 w = weights[e]
                 if grad_weights is not None:
-                    dot = (u * h).sum(1)
-                    grad_weights[e].copy_(dot if B_out is None else dot.addmv_(g, B_out))
+                    if y is not None:  # dw = <g, y>
+                        grad_weights[e].copy_((g * y).sum(1))
+                    else:  # dw = <g, h W_out + b_out> = <u, h> + <g, b_out>
+                        dot = (u * h).sum(1)
+                        grad_weights[e].copy_(dot if B_out is None else dot.addmv_(g, B_out))
                 g = g.mul_(w) if tokens is not None else g * w  # (a gathered copy: in place)
                 u.mul_(w)
             if grad_w_out is not None:

@@ -1,5 +1,4 @@
 import copy
-import os
 
 import pytest
 import torch
@@ -396,14 +395,15 @@ def test_compiled_moe_fullgraph_equals_eager(d_hidden):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("d", "h"), [(3, 5), (6, 2)])  # both forms of the weights' gradient
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_cpu_cache_local_loop_equals_dense_reference(activation, bias):
-    """The measured CPU rule's per-expert loop (at least 256 entries per expert, at most
-    64 experts) against the dense reference: output and every gradient (x, routing
-    weights, parameters), top-2 over 3 experts one of which gets no entry."""
+def test_cpu_cache_local_loop_equals_dense_reference(activation, bias, d, h):
+    """The measured CPU rule's per-expert loop (at least max(96, h / 16) entries per
+    expert) against the dense reference: output and every gradient (x, routing weights,
+    parameters), top-2 over 3 experts one of which gets no entry."""
     torch.manual_seed(5)
-    T, E, d, h = 800, 3, 3, 5
+    T, E = 800, 3
     experts = FFNExperts(E, d, h, activation=activation, bias=bias, dtype=torch.float64)
     idx = torch.argsort(torch.rand(T, 2), dim=1)  # experts 0 and 1 only: expert 2 empty
     routing = Routing.from_topk(idx, torch.rand(T, 2, dtype=torch.float64), E)
@@ -467,18 +467,20 @@ def test_cpu_cache_local_loop_in_bfloat16_follows_the_fp64_reference(activation)
         torch.testing.assert_close(a.double(), b, atol=3e-2 * scale, rtol=0)
 
 
-def test_huge_page_hint_only_on_fresh_mappings():
-    """The hint goes to a fresh mapping (not yet resident) and never to memory already in
-    use (touched pages: what glibc hands out again from its heap)."""
+def test_huge_page_hint_covers_whole_huge_pages_inside_the_buffer(monkeypatch):
+    """The weight-gradient buffer's hint: madvise(MADV_HUGEPAGE) on exactly the whole
+    2 MiB pages inside the buffer, only for buffers above 32 MiB, and a buffer of the
+    right shape either way."""
     from routelab import experts as module
 
-    hints = module._page_hints
-    if hints.madvise is None or not os.path.exists("/sys/kernel/mm/transparent_hugepage"):
-        pytest.skip("no madvise / mincore or no transparent huge pages on this platform")
-    fresh = torch.empty(64 << 20, dtype=torch.uint8)
-    assert hints.hint_fresh(fresh.data_ptr(), fresh.numel())
-    fresh.fill_(1)
-    assert not hints.hint_fresh(fresh.data_ptr(), fresh.numel())
-    assert not hints.hint_fresh(fresh.data_ptr(), 1 << 20)  # no whole huge page inside
-    grad = module._empty_written_once(torch.empty(16, 1 << 20))  # [16, 1M] fp32: 64 MiB
-    assert grad.shape == (16, 1 << 20) and grad.is_contiguous()
+    calls = []
+    monkeypatch.setattr(module, "_madvise", lambda *args: calls.append(args) or 0)
+    big = module._empty_written_once(torch.empty(9, 1 << 20))  # 36 MiB of fp32
+    assert big.shape == (9, 1 << 20) and big.is_contiguous() and len(calls) == 1
+    begin, length, advice = calls[0]
+    start, stop = big.data_ptr(), big.data_ptr() + big.numel() * 4
+    huge = 2 << 20
+    assert advice == 14 and begin % huge == 0 and length % huge == 0
+    assert start <= begin < start + huge and stop - huge < begin + length <= stop
+    module._empty_written_once(torch.empty(1 << 20))  # 4 MiB: from the heap, no hint
+    assert len(calls) == 1
