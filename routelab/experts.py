@@ -535,9 +535,9 @@ class _ExpertLoopFFN(torch.autograd.Function):
         keep_outputs = bool(ctx.needs_input_grad[2]) and w_in.shape[2] > w_out.shape[2]
         # per-expert views made once (each indexing op costs ~2 us; 256 experts x 10 ops)
         params = _expert_views(w_in, w_out, b_in, b_out, w_gate)
-        inputs = torch.split(x, sizes) if token is None else None
+        inputs = torch.split(x, sizes) if token is None else ()  # rows in expert order
         tokens = None if token is None else torch.split(token, sizes)
-        outputs = torch.split(out, sizes) if token is None else None
+        outputs = torch.split(out, sizes) if token is None else ()
         weights = None if weight is None else torch.split(weight.to(acc_dtype)[:, None], sizes)
         for e, n in enumerate(sizes):
             if not n:
@@ -590,11 +590,11 @@ class _ExpertLoopFFN(torch.autograd.Function):
         params = _expert_views(w_in, w_out, None, b_out, w_gate)
         sizes = ctx.sizes
         tokens = None if token is None else torch.split(token, sizes)
-        grad_rows = torch.split(grad_out, sizes) if token is None else None
-        inputs = torch.split(x, sizes) if token is None else None
+        grad_rows = torch.split(grad_out, sizes) if token is None else ()
+        inputs = torch.split(x, sizes) if token is None else ()  # rows in expert order
         weights = None if weight is None else torch.split(weight[:, None].to(x.dtype), sizes)
         grad_weights = None if grad_weight is None else torch.split(grad_weight, sizes)
-        grad_inputs = torch.split(grad_x, sizes) if token is None and grad_x is not None else None
+        grad_inputs = torch.split(grad_x, sizes) if token is None and grad_x is not None else ()
         active = 0
         for e, n in enumerate(sizes):
             if not n:
@@ -637,7 +637,7 @@ class _ExpertLoopFFN(torch.autograd.Function):
                 dx = da @ W_in.t()
                 if dgate is not None:
                     dx.addmm_(dgate, W_gate.t())
-                if grad_inputs is not None:
+                if grad_inputs:
                     grad_inputs[e].copy_(dx)
                 else:
                     assert tokens is not None
