@@ -55,7 +55,10 @@ def certified_gap(ops: Any, S: Any, cap: Any, assignment: Any, p: Any) -> float:
     with np.errstate(over="ignore"):  # -1e308 - p is -inf: an unusable pair, as it should be
         v = S - p
     slack = ops.row_max(v) - v[ops.arange(T), assignment]
-    spare = (cap - ops.bincount(assignment, E)) * p
+    unused = cap - ops.bincount(assignment, E)
+    with np.errstate(invalid="ignore"):  # 0 * inf: a full expert at an infinite price
+        spare = unused * p
+    spare[unused == 0] = 0  # a full expert's price never enters the gap
     return ops.sum(slack) + ops.sum(spare)
 
 
