@@ -561,6 +561,15 @@ def _train(model: nn.Module, batches: Sequence[Batch], lr: float) -> nn.Module:
     return model
 
 
+def _study_data(dataset: str, settings: LifelongSettings) -> Any:
+    """The compare data set for the one-layer studies (upcycling, pruning and merging):
+    ``settings.prune_steps`` batches."""
+    return load_dataset(
+        dataset, quick=settings.quick, seed=settings.seed, batch_size=settings.batch_size,
+        steps=settings.prune_steps,
+    )  # fmt: skip
+
+
 def upcycle_study(dataset: str, settings: LifelongSettings) -> dict[str, Any]:
     """Sparse upcycling (Komatsuzaki et al. 2023) on the compare data: a dense model
     (one FFN of width 2d) trained for half the steps is upcycled into a top-k MoE of
@@ -569,10 +578,7 @@ def upcycle_study(dataset: str, settings: LifelongSettings) -> dict[str, Any]:
     scratch for all the steps (every run restarts Adam)."""
     E = 2 * settings.num_experts
     d, k = settings.d_model, settings.k
-    data = load_dataset(
-        dataset, quick=settings.quick, seed=settings.seed, batch_size=settings.batch_size,
-        steps=settings.prune_steps,
-    )  # fmt: skip
+    data = _study_data(dataset, settings)
     batches = data.train_batches
     half = len(batches) // 2
     phase = Phase(dataset, _no_training, data.evaluation)
@@ -604,10 +610,7 @@ def prune_merge_study(dataset: str, settings: LifelongSettings) -> dict[str, Any
     """Train a top-k MoE on the compare data set, then halve its experts four ways."""
     E = 2 * settings.num_experts
     d, k = settings.d_model, settings.k
-    data = load_dataset(
-        dataset, quick=settings.quick, seed=settings.seed, batch_size=settings.batch_size,
-        steps=settings.prune_steps,
-    )  # fmt: skip
+    data = _study_data(dataset, settings)
     torch.manual_seed(settings.seed)
     model = data.build_model(_topk_layer(d, E, k), d, E)
     _train(model, data.train_batches, settings.lr)

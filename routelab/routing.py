@@ -18,6 +18,7 @@ from torch import Tensor
 
 from routelab._validate import (
     INT64_MAX,
+    all_finite,
     ceil_fraction,
     exact_fraction,
     require_float,
@@ -373,14 +374,14 @@ class Routing:
             if torch.unique(pairs).numel() != self.num_entries:
                 raise ValueError("duplicate (token, expert) pairs in the routing")
             w = self.weight.detach()
-            if not bool(torch.isfinite(w).all()):
+            if not all_finite(w):
                 raise ValueError("routing weights must be finite (found NaN or inf)")
             if bool((w < 0).any()):
                 raise ValueError(f"routing weights must be >= 0, min is {float(w.min())}")
-        if self.probs is not None and not bool(torch.isfinite(self.probs.detach()).all()):
+        if self.probs is not None and not all_finite(self.probs.detach()):
             raise ValueError("probs must be finite (found NaN or inf)")
         for key, value in self.aux.items():
-            if not bool(torch.isfinite(value.detach()).all()):
+            if not all_finite(value.detach()):
                 raise ValueError(f"aux[{key!r}] is not finite: {value.item()}")
         if k is not None:
             self._check_top_k(k, atol)
